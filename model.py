@@ -1,0 +1,639 @@
+"""Llama-2 architecture in plain PyTorch: inference with a KV cache, batched scoring, training loss.
+
+What is here, top to bottom:
+  ModelArgs            config dataclass; defaults are Llama-2-7B; built from a HF config.json
+  rms_norm / rope / repeat_kv        the math, as small pure functions
+  Attention, MLP, Block, Llama       modules named exactly like the HF checkpoint keys
+  KVCache              preallocated (B, n_kv, T_max, hd) tensors written at explicit slots
+  load                 strict loader for a HF-layout directory (safetensors, single or sharded)
+  generate             greedy / temperature + top-p sampling, EOS and stop strings, seeded
+  continuation_logprobs, next_token_logits     batched scoring (shared prefix computed once)
+  main                 `python model.py --prompt "..."`
+
+What is left out: rope scaling, attention/MLP biases, activations other than SiLU, sliding
+windows. A config that asks for one of them is refused by name (see ModelArgs.from_hf_config).
+
+Precision policy (written once, here): RMSNorm statistics, the RoPE tables and rotation,
+the logits and the loss are computed in float32 whatever the weight dtype. Attention uses
+torch's scaled_dot_product_attention, i.e. softmax(q k^T / sqrt(hd) + mask) v, whose CPU
+kernels accumulate in float32 for bfloat16 inputs.
+
+Positions and masks come from the data, never assumed: every token carries a `valid` flag
+(False = padding); a token's RoPE position is the number of valid tokens before it in its row
+(prefix and cache included); a query may attend to a key iff the key's slot is not after the
+query's slot and the key is valid. A padded query always sees at least itself, so no softmax
+row is empty (an all -inf row would give NaN); its output is garbage that nobody reads.
+
+References: Touvron et al. 2023, "Llama 2" (arXiv 2307.09288); Su et al. 2021, RoFormer
+(arXiv 2104.09864); Zhang & Sennrich 2019, RMSNorm; Shazeer 2020, SwiGLU (arXiv 2002.05202);
+Ainslie et al. 2023, GQA (arXiv 2305.13245). HF Llama layout: q/k rotate halves (rotate_half).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    hidden_dim: int = 11008
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    bos_id: int | None = 1
+    eos_ids: list[int] = field(default_factory=lambda: [2])
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Build from a HF Llama config.json dict. Anything that would change the math and that
+        is not implemented here is refused with the field named."""
+        if cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"config.json: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
+        refuse = {
+            "attention_bias": lambda v: bool(v),
+            "mlp_bias": lambda v: bool(v),
+            "hidden_act": lambda v: v != "silu",
+            "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default",
+            "sliding_window": lambda v: v is not None,
+        }
+        for name, bad in refuse.items():
+            if name in cfg and bad(cfg[name]):
+                raise ValueError(f"config.json: unsupported {name}={cfg[name]!r}")
+        rope = cfg.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config.json: unsupported rope_parameters.rope_type={rope['rope_type']!r}")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        if dim % n_heads:
+            raise ValueError(f"config.json: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
+        if cfg.get("head_dim") not in (None, dim // n_heads):
+            raise ValueError(f"config.json: unsupported head_dim={cfg['head_dim']} (must be hidden_size/num_attention_heads)")
+        n_kv = cfg.get("num_key_value_heads") or n_heads
+        if n_heads % n_kv:
+            raise ValueError(f"config.json: num_attention_heads {n_heads} not a multiple of num_key_value_heads {n_kv}")
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
+                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                   norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                   max_seq_len=cfg.get("max_position_embeddings", 2048),
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   bos_id=cfg.get("bos_token_id"), eos_ids=eos)
+
+
+# ----------------------------------------------------------------------------- math
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, statistics in fp32, result in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim) in fp32, HF 'rotate_half' layout:
+    frequency j is used by dims j and j + head_dim/2."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)                                  # (T, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, h, T, hd); cos, sin: (B, 1, T, hd) fp32. Rotates pairs (j, j + hd/2)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, S, hd) -> (B, n_kv * n_rep, S, hd); KV head j serves query heads j*n_rep..j*n_rep+n_rep-1."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+# ----------------------------------------------------------------------------- cache
+
+class KVCache:
+    """Preallocated keys/values for every layer, written at explicit slots.
+
+    k[i], v[i]: (B, n_kv, T_max, hd). valid: (B, T_max) which slots hold real tokens.
+    next_pos: (B,) RoPE position of each row's next real token. length: slots used.
+    A cache of batch 1 can also serve as a read-only shared prefix for a batch of
+    continuations (see Llama.forward's `prefix`)."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        if max_len > args.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {args.max_seq_len}")
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+
+# ----------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None):
+        """x: (B, T, D). mask: (B, 1, T, S) bool or None for plain causal.
+        kv_write: (k_cache, v_cache, start) to store this chunk's keys/values at slots
+        start..start+T and attend over slots 0..start+T. kv_prefix: (k, v) of a shared
+        prefix, (1 or B, n_kv, P, hd), attended before this chunk and never written."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_write is not None:
+            k_cache, v_cache, start = kv_write
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]      # (B, nkv, S, hd)
+        if kv_prefix is not None:
+            pk, pv = kv_prefix
+            k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+        n_rep = self.n_heads // self.n_kv
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                        # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_write, kv_prefix)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """Holds what HF calls `model.*`: embeddings, blocks, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Body(args)
+        if not args.tie_embeddings:
+            self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpoint = False  # set by the training loop
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
+
+    def head(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in fp32 for hidden states h (..., D); optionally only for some vocab rows."""
+        w = self.head_weight if vocab_ids is None else self.head_weight[vocab_ids]
+        return F.linear(h, w).float()
+
+    def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None, prefix: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids. valid: (B, T) bool, False on padding (default all True).
+        cache: read-write cache; this chunk is stored at slots cache.length.. and attends to
+        everything stored before it. prefix: a read-only cache (batch 1 or B) that every row
+        attends to first; nothing is written to it. Returns final-normed hidden states (B, T, D)."""
+        B, T = idx.shape
+        if cache is not None and prefix is not None:
+            raise ValueError("pass either cache or prefix, not both")
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        start, past_valid, base_pos = 0, None, torch.zeros(B, dtype=torch.long, device=idx.device)
+        if cache is not None:
+            if cache.k[0].shape[0] != B:
+                raise ValueError(f"cache batch {cache.k[0].shape[0]} != input batch {B}")
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"cache full: {cache.length} + {T} > {cache.max_len} slots")
+            start, base_pos = cache.length, cache.next_pos
+            cache.valid[:, start:start + T] = valid
+            past_valid = cache.valid[:, :start]
+        elif prefix is not None:
+            if prefix.k[0].shape[0] not in (1, B):
+                raise ValueError(f"prefix batch {prefix.k[0].shape[0]} must be 1 or {B}")
+            base_pos = prefix.next_pos.expand(B)
+            past_valid = prefix.valid[:, :prefix.length].expand(B, -1)
+
+        # positions: count of valid tokens before this one in its row (pads reuse a neighbour's)
+        pos = (base_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)            # (B, T)
+        if int(pos.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]             # (B, 1, T, hd)
+        mask = attention_mask(valid, past_valid)
+
+        x = self.model.embed_tokens(idx)
+        for i, layer in enumerate(self.model.layers):
+            kv_write = (cache.k[i], cache.v[i], start) if cache is not None else None
+            kv_prefix = (prefix.k[i][:, :, :prefix.length], prefix.v[i][:, :, :prefix.length]) if prefix is not None else None
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_write, kv_prefix, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_write, kv_prefix)
+        if cache is not None:
+            cache.length += T
+            cache.next_pos = cache.next_pos + valid.long().sum(1)
+        return self.model.norm(x)
+
+    def loss(self, idx, targets, supervised, valid=None) -> torch.Tensor:
+        """Causal LM loss: mean cross-entropy over positions where `supervised` (B, T) is True,
+        predicting targets[b, t] from idx[b, :t+1]. The output head runs only at those positions."""
+        h = self(idx, valid)
+        logits = self.head(h[supervised])                                                # (N, V) fp32
+        return F.cross_entropy(logits, targets[supervised])
+
+
+def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean (B, 1, T, P+T) mask for T new queries after P earlier slots.
+
+    Query t sits at slot P+t. It may see slot s iff s <= P+t and slot s is valid, and it always
+    sees itself (so padded rows are never empty). Returns None when that is plain causal
+    attention with nothing before (SDPA's is_causal), or everything when T == 1 with no pads."""
+    B, T = valid.shape
+    P = 0 if past_valid is None else past_valid.shape[1]
+    if bool(valid.all()) and (past_valid is None or bool(past_valid.all())):
+        if P == 0:
+            return None                                  # plain causal
+        if T == 1:
+            return None                                  # one query sees every earlier slot
+    keys_valid = valid if past_valid is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
+    q_slot = torch.arange(P, P + T, device=valid.device)[:, None]                          # (T, 1)
+    k_slot = torch.arange(P + T, device=valid.device)[None, :]                             # (1, S)
+    causal = k_slot <= q_slot                                                              # (T, S)
+    mask = (causal[None] & keys_valid[:, None, :]) | (k_slot == q_slot)[None]              # (B, T, S)
+    return mask[:, None]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the BOS rule of the checkpoint: special tokens are never
+    added by the backend; BOS is prepended once iff tokenizer_config.json says add_bos_token."""
+
+    def __init__(self, path: str, bos_id: int | None, add_bos: bool, eos_ids: list[int]):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tk = HFTokenizer.from_file(path)
+        self.bos_id, self.add_bos, self.eos_ids = bos_id, add_bos, eos_ids
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+
+# ----------------------------------------------------------------------------- loading
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path: str):
+    """Yields (name, tensor) from a .safetensors file, one tensor in memory at a time.
+    Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}}, then the data (https://github.com/huggingface/safetensors).
+    Read with plain file reads (no mmap) so peak memory stays near the model's size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * torch.finfo(dtype).bits // 8
+            if e - b != nbytes or 8 + n + e > size:
+                raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length (truncated file?)")
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(8 + n + b)
+            if f.readinto(buf.numpy()) != nbytes:
+                raise ValueError(f"{path}: truncated while reading {name}")
+            yield name, buf.view(dtype).reshape(info["shape"])
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, s) for s in shards]
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+def load(model_dir: str | None = None, dtype=torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
+    """Strictly load a HF Llama directory (config.json, tokenizer.json, safetensors).
+    Every expected tensor must be present with its exact shape; missing, extra or mis-shaped
+    tensors are errors that name them. With model_dir None, the default model (fetched and
+    converted once into the cache, see convert_gguf.py)."""
+    if model_dir is None:
+        from convert_gguf import default_model_dir
+        model_dir = default_model_dir()
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
+    with open(cfg_path) as f:
+        args = ModelArgs.from_hf_config(json.load(f))
+    with torch.device("meta"):
+        model = Llama(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = {}
+    for path in checkpoint_files(model_dir):
+        for name, t in read_safetensors(path):
+            if name == "lm_head.weight" and args.tie_embeddings:
+                continue  # some tied checkpoints store the head anyway; the embeddings are used
+            if name not in expected:
+                raise ValueError(f"{path}: unexpected tensor {name} (not in a Llama with this config)")
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+            state[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    model.load_state_dict(state, strict=True, assign=True)
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.eval().requires_grad_(False)
+    return model, load_tokenizer(model_dir, args)
+
+
+def load_tokenizer(model_dir: str, args: ModelArgs) -> Tokenizer:
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json")
+    tc_path, add_bos = os.path.join(model_dir, "tokenizer_config.json"), False
+    if os.path.exists(tc_path):
+        with open(tc_path) as f:
+            add_bos = bool(json.load(f).get("add_bos_token", False))
+    return Tokenizer(path, args.bos_id, add_bos, args.eos_ids)
+
+
+# ----------------------------------------------------------------------------- inference
+
+def left_pad(rows: list[list[int]], pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and valid mask, left-padded so every row ends at the last column."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        idx[b, T - len(r):] = torch.tensor(r)
+        valid[b, T - len(r):] = True
+    return idx.to(device), valid.to(device)
+
+
+def right_pad(rows: list[list[int]], pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every continuation needs at least one token")
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        idx[b, :len(r)] = torch.tensor(r)
+        valid[b, :len(r)] = True
+    return idx.to(device), valid.to(device)
+
+
+def model_device(model: Llama):
+    return model.model.embed_tokens.weight.device
+
+
+def model_dtype(model: Llama):
+    return model.model.embed_tokens.weight.dtype
+
+
+def prefill(model: Llama, ids: list[int], extra: int = 0) -> tuple[KVCache, torch.Tensor]:
+    """Run one prompt into a fresh batch-1 cache with `extra` free slots; returns the cache
+    and the fp32 logits (V,) for the token after the prompt."""
+    cache = KVCache(model.args, 1, len(ids) + extra, model_dtype(model), model_device(model))
+    h = model(torch.tensor([ids], device=model_device(model)), cache=cache)
+    return cache, model.head(h[0, -1])
+
+
+@torch.no_grad()
+def next_token_logits(model: Llama, prompts: list[list[int]], prefix: list[int] | None = None,
+                      batch_size: int = 16, vocab_ids: list[int] | None = None) -> torch.Tensor:
+    """fp32 logits (N, V) (or (N, len(vocab_ids))) for the token after each prompt. With
+    `prefix`, each prompt is a continuation of that shared prefix, which is computed once."""
+    dev = model_device(model)
+    shared = prefill(model, prefix)[0] if prefix else None
+    vid = None if vocab_ids is None else torch.tensor(vocab_ids, device=dev)
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        idx, valid = right_pad(prompts[s:s + batch_size], device=dev)
+        h = model(idx, valid, prefix=shared)
+        last = valid.long().sum(1) - 1                                              # (b,)
+        out.append(model.head(h[torch.arange(len(last)), last], vid))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def continuation_logprobs(model: Llama, prompt: list[int], continuations: list[list[int]],
+                          batch_size: int = 32) -> torch.Tensor:
+    """Sum of log p(continuation tokens | prompt) for each continuation, (N,) fp32.
+    The prompt is run once into a batch-1 cache that all continuations attend to."""
+    dev = model_device(model)
+    cache, first_logits = prefill(model, prompt)
+    first_lp = torch.log_softmax(first_logits, -1)                                   # (V,)
+    out = []
+    for s in range(0, len(continuations), batch_size):
+        chunk = continuations[s:s + batch_size]
+        idx, valid = right_pad(chunk, device=dev)                                   # (b, T)
+        total = first_lp[idx[:, 0]]
+        if idx.shape[1] > 1:
+            h = model(idx[:, :-1], valid[:, :-1], prefix=cache)                     # (b, T-1, D)
+            tgt_valid = valid[:, 1:]
+            lp = torch.log_softmax(model.head(h[tgt_valid]), -1)                     # (n, V)
+            tok_lp = torch.zeros(tgt_valid.shape, device=dev)
+            tok_lp[tgt_valid] = lp.gather(1, idx[:, 1:][tgt_valid][:, None])[:, 0]
+            total = total + tok_lp.sum(1)
+        out.append(total)
+    return torch.cat(out)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) fp32 -> (B,) ids. temperature 0 = greedy; top_p keeps the smallest set of
+    most likely tokens whose probability reaches top_p (Holtzman et al. 2019)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        p_sorted, order = probs.sort(-1, descending=True)
+        drop = p_sorted.cumsum(-1) - p_sorted >= top_p        # the mass before this token already reaches top_p
+        p_sorted = p_sorted.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, p_sorted)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, eos_ids: list[int] | None = None, stop: list[str] | None = None,
+             tokenizer: Tokenizer | None = None, seed: int | None = None) -> list[list[int]]:
+    """Continue a batch of prompts (left-padded, per-row positions) with a KV cache.
+    A row stops at an EOS id (not included) or when its decoded text contains a stop string
+    (the text is not cut here; see `cut_at_stop`). Returns the new ids of each row."""
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer")
+    eos = set(model.args.eos_ids if eos_ids is None else eos_ids)
+    dev = model_device(model)
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    idx, valid = left_pad(prompts, device=dev)
+    B, T = idx.shape
+    cache = KVCache(model.args, B, T + max_new_tokens, model_dtype(model), dev)
+    h = model(idx, valid, cache=cache)
+    logits = model.head(h[:, -1])                                                    # (B, V)
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, gen)                           # (B,)
+        for b, t in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if t in eos:
+                done[b] = True
+                continue
+            out[b].append(t)
+            if stop and any(s in tokenizer.decode(out[b]) for s in stop):
+                done[b] = True
+        if all(done):
+            break
+        alive = torch.tensor([not d for d in done], device=dev)[:, None]           # finished rows feed pads
+        h = model(nxt[:, None], alive, cache=cache)
+        logits = model.head(h[:, -1])
+    return out
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    for s in stop or []:
+        if s in text:
+            text = text[:text.index(s)]
+    return text
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a Llama checkpoint (HF layout). "
+                                "Without --model, the default SmolLM2-135M-Instruct is fetched and converted once.")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--model", default=None, help="HF Llama directory (config.json, tokenizer.json, *.safetensors)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", type=parse_dtype, default=torch.float32, help="float32 (default) or bfloat16")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in ChatML (<|im_start|>...)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    try:
+        model, tok = load(a.model, dtype=a.dtype)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    text = a.prompt
+    if a.chat:
+        text = f"<|im_start|>user\n{a.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(text)
+    t0 = time.perf_counter()
+    new = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, stop=a.stop, tokenizer=tok, seed=a.seed)[0]
+    dt = time.perf_counter() - t0
+    print(cut_at_stop(tok.decode(new), a.stop))
+    print(f"[{len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f}s: {len(new) / dt:.1f} tok/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
