@@ -1,0 +1,279 @@
+"""model.py against transformers' LlamaForCausalLM (independent reference) and against its own
+invariants: cache vs recomputation, chunked vs one-shot prefill, padded batch vs one by one,
+shared prefix vs full sequences."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import make_tiny_dir
+
+
+def full_logits(m, ids):
+    """fp32 logits (T, V) of one unpadded sequence, no cache."""
+    with torch.no_grad():
+        return m.head(m(torch.tensor([ids])))[0]
+
+
+def test_matches_transformers(tiny):
+    path, hf = tiny
+    m, _ = M.load(path)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 300, (3, 37))
+    with torch.no_grad():
+        ours = m.head(m(idx))
+        ref = hf(idx).logits.float()
+    assert not torch.isnan(ours).any()
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert ref.abs().max().item() > 1.0  # the comparison is not between near-zero numbers
+
+
+def test_loss_matches_transformers_on_supervised_positions(tiny_untied):
+    path, hf = tiny_untied
+    m, _ = M.load(path)
+    torch.manual_seed(2)
+    idx = torch.randint(0, 300, (2, 20))
+    supervised = torch.zeros(2, 20, dtype=torch.bool)
+    supervised[0, 12:19] = True
+    supervised[1, 5:8] = True
+    targets = torch.roll(idx, -1, dims=1)       # position t predicts token t+1
+    labels = torch.full_like(idx, -100)         # HF shifts labels itself: label t+1 is predicted at t
+    labels[:, 1:][supervised[:, :-1]] = idx[:, 1:][supervised[:, :-1]]
+    with torch.no_grad():
+        ours = m.loss(idx, targets, supervised)
+        ref = hf(idx, labels=labels).loss
+    assert abs(ours.item() - ref.item()) < 1e-5
+
+
+def test_cached_decoding_equals_recomputation_every_step(tiny):
+    path, _ = tiny
+    m, _ = M.load(path)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 300, (12,)).tolist()
+    cache = M.KVCache(m.args, 1, 40)
+    with torch.no_grad():
+        h = m(torch.tensor([ids]), cache=cache)
+        step_logits = m.head(h[0, -1])
+        for step in range(20):
+            ref = full_logits(m, ids)[-1]
+            assert torch.allclose(step_logits, ref, atol=1e-5, rtol=0), f"step {step}"
+            nxt = int(step_logits.argmax())
+            ids.append(nxt)
+            step_logits = m.head(m(torch.tensor([[nxt]]), cache=cache)[0, -1])
+        assert not torch.isnan(step_logits).any()
+
+
+def test_chunked_prefill_equals_one_shot(tiny_untied):
+    path, _ = tiny_untied
+    m, _ = M.load(path)
+    torch.manual_seed(4)
+    ids = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        one = m.head(m(ids, cache=M.KVCache(m.args, 1, 30)))
+        cache = M.KVCache(m.args, 1, 30)
+        parts = [m.head(m(ids[:, a:b], cache=cache)) for a, b in [(0, 7), (7, 8), (8, 21), (21, 30)]]
+    assert torch.allclose(torch.cat(parts, dim=1), one, atol=1e-5, rtol=0)
+    assert cache.length == 30 and int(cache.next_pos) == 30
+
+
+def test_left_padded_batch_equals_each_alone(tiny):
+    path, _ = tiny
+    m, _ = M.load(path)
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 11, 7, 1)]
+    idx, valid = M.left_pad(prompts)
+    with torch.no_grad():
+        cache = M.KVCache(m.args, len(prompts), idx.shape[1] + 6)
+        h = m(idx, valid, cache=cache)
+        logits = m.head(h[:, -1])
+        assert not torch.isnan(m.head(h)).any()  # padded rows give numbers too, never NaN
+        seqs = [list(p) for p in prompts]
+        for step in range(6):   # decode greedily in the batch and check every row against its own run
+            for b, s in enumerate(seqs):
+                assert torch.allclose(logits[b], full_logits(m, s)[-1], atol=1e-5, rtol=0), (b, step)
+            nxt = logits.argmax(-1)
+            for b in range(len(seqs)):
+                seqs[b].append(int(nxt[b]))
+            logits = m.head(m(nxt[:, None], cache=cache)[:, -1])
+
+
+def test_generate_batch_equals_single_and_transformers(tiny_untied):
+    path, hf = tiny_untied
+    m, _ = M.load(path)
+    torch.manual_seed(6)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 9)]
+    batch = M.generate(m, prompts, max_new_tokens=10, eos_ids=[])
+    for p, got in zip(prompts, batch):
+        assert got == M.generate(m, [p], max_new_tokens=10, eos_ids=[])[0]
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert got == ref[0, len(p):].tolist()
+
+
+def test_generate_eos_stop_and_seeded_sampling(tiny_untied):
+    path, _ = tiny_untied
+    m, tok = M.load(path)
+    p = [5, 6, 7, 8]
+    greedy = M.generate(m, [p], max_new_tokens=8, eos_ids=[])[0]
+    # stopping at an id: the output ends right before its first occurrence
+    cut = M.generate(m, [p], max_new_tokens=8, eos_ids=[greedy[3]])[0]
+    assert cut == greedy[:greedy.index(greedy[3])]
+    # stop strings: generation ends at the token whose text completes the stop string
+    text = tok.decode(greedy)
+    stop = text[2:4]
+    out = M.generate(m, [p], max_new_tokens=8, eos_ids=[], stop=[stop], tokenizer=tok)[0]
+    assert stop in tok.decode(out) and stop not in tok.decode(out[:-1])
+    assert M.cut_at_stop(tok.decode(out), [stop]) == tok.decode(out)[:tok.decode(out).index(stop)]
+    a = M.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=7)
+    b = M.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=7)
+    c = M.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=8)
+    assert a == b and a != c
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(M.sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
+    assert drawn == {0, 1}        # 0.5 < 0.7 <= 0.8: the first two tokens form the nucleus
+    drawn = {int(M.sample_next(logits, 1.0, 1.0, g)) for _ in range(2000)}
+    assert drawn == {0, 1, 2, 3}
+
+
+def test_shared_prefix_with_20_continuations_equals_full_sequences(tiny):
+    path, _ = tiny
+    m, _ = M.load(path)
+    torch.manual_seed(8)
+    prefix = torch.randint(0, 300, (25,)).tolist()
+    conts = [torch.randint(0, 300, (int(n),)).tolist() for n in torch.randint(1, 9, (20,))]
+    got = M.continuation_logprobs(m, prefix, conts, batch_size=7)
+    for c, g in zip(conts, got):
+        lp = torch.log_softmax(full_logits(m, prefix + c), -1)
+        ref = sum(lp[len(prefix) - 1 + j, c[j]] for j in range(len(c)))
+        assert abs(g.item() - ref.item()) < 1e-4
+    # next-token logits after prefix + suffix equal those of the whole sequence
+    nxt = M.next_token_logits(m, conts, prefix=prefix, batch_size=6)
+    for c, row in zip(conts, nxt):
+        assert torch.allclose(row, full_logits(m, prefix + c)[-1], atol=1e-5, rtol=0)
+    sub = M.next_token_logits(m, conts[:3], prefix=prefix, vocab_ids=[4, 9])
+    assert torch.allclose(sub, nxt[:3, [4, 9]], atol=1e-6)
+
+
+def test_next_token_logits_without_prefix_right_pads(tiny_untied):
+    path, _ = tiny_untied
+    m, _ = M.load(path)
+    prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11]]
+    got = M.next_token_logits(m, prompts)
+    for p, row in zip(prompts, got):
+        assert torch.allclose(row, full_logits(m, p)[-1], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_loads_and_stays_close(tiny_untied):
+    path, hf = tiny_untied
+    m, _ = M.load(path, dtype=torch.bfloat16)
+    assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        ours = m.head(m(idx))
+        ref = hf(idx).logits
+    assert ours.dtype == torch.float32                      # logits always fp32
+    assert (ours - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_tokenizer_adds_exactly_one_bos(tiny_untied):
+    path, _ = tiny_untied
+    m, tok = M.load(path)
+    assert m.args.bos_id not in tok.encode("ab")              # no tokenizer_config.json: no BOS
+    tok.add_bos = True
+    assert tok.encode("ab")[0] == m.args.bos_id and tok.encode("ab").count(m.args.bos_id) == 1
+    assert tok.encode("<s1>ab").count(1) == 1                # already there: not added again
+    assert tok.decode(tok.encode("héllo wörld", bos=False)) == "héllo wörld"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _rewrite(path, fn):
+    from safetensors.torch import load_file, save_file
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_missing_tensor_is_named(tiny_untied):
+    path, _ = tiny_untied
+    _rewrite(path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing tensors: model.layers.1.mlp.up_proj.weight"):
+        M.load(path)
+
+
+def test_wrong_shape_is_named(tiny_untied):
+    path, _ = tiny_untied
+    _rewrite(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(64, 64)))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(64, 64\), expected \(32, 64\)"):
+        M.load(path)
+
+
+def test_extra_tensor_is_named(tiny_untied):
+    path, _ = tiny_untied
+    _rewrite(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"):
+        M.load(path)
+
+
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+                                         ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"),
+                                         ("model_type", "mistral"), ("head_dim", 32)])
+def test_unsupported_config_field_is_named(tiny_untied, field, value):
+    path, _ = tiny_untied
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg[field] = value
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match=field):
+        M.load(path)
+
+
+@pytest.mark.parametrize("keep", [4, 100, 0.5, -10])
+def test_truncated_safetensors(tiny_untied, keep):
+    path, _ = tiny_untied
+    f = os.path.join(path, "model.safetensors")
+    data = open(f, "rb").read()
+    n = int(len(data) * keep) if isinstance(keep, float) else (keep if keep > 0 else len(data) + keep)
+    open(f, "wb").write(data[:n])
+    with pytest.raises(ValueError, match="truncated"):
+        M.load(path)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    from transformers import LlamaForCausalLM
+    hf = make_tiny_dir(tmp_path / "a", tie=False)
+    hf.save_pretrained(str(tmp_path / "b"), max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "b" / "model.safetensors.index.json")
+    os.replace(tmp_path / "a" / "tokenizer.json", tmp_path / "b" / "tokenizer.json")
+    m, _ = M.load(str(tmp_path / "b"))
+    idx = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert (m.head(m(idx)) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_missing_directory_and_cache_overflow(tiny_untied, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load(str(tmp_path / "nope"))
+    path, _ = tiny_untied
+    m, _ = M.load(path)
+    cache = M.KVCache(m.args, 1, 4)
+    with pytest.raises(ValueError, match="cache full"):
+        m(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        M.KVCache(m.args, 1, 10_000)
+
+
+def test_cli_generates(tiny_untied, capsys):
+    path, _ = tiny_untied
+    M.main(["--prompt", "hello", "--model", path, "--max-new-tokens", "5"])
+    out = capsys.readouterr()
+    assert "tok/s" in out.err and len(out.out.strip("\n")) > 0

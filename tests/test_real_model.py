@@ -1,0 +1,65 @@
+"""The converted default model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) against
+transformers loading the same GGUF file with its own reader and dequantizer."""
+import os
+
+import pytest
+import torch
+
+import model as M
+
+TEXTS = [
+    "The capital of France is",
+    "Toy Story (1995), GoldenEye (1995), Four Rooms (1995)",
+    "Amélie (2001) — café, naïve, crème brûlée; Ångström",
+    "東京の映画 and Москва 2024 😀 emoji",
+    "   leading spaces and   repeated    spaces ",
+    "1234567890 + 3.14159 = 42; -7e10",
+    "It's \"Heat\" (1995), isn't it? We'll see... (yes!) #1 @user",
+    "Star Wars: Episode IV - A New Hope (1977)\nNext line\tand a tab",
+    "<|im_start|>user\nHi<|im_end|>",
+]
+PROMPTS = ["The capital of France is", "A user liked \"Toy Story (1995)\" and \"Heat (1995)\". Next they watched",
+           "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="session")
+def both(default_dir, default_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ours, tok = M.load(default_dir)
+    d, f = os.path.split(default_gguf)
+    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return ours, tok, ref, ref_tok
+
+
+def test_tokenizer_matches_transformers(both):
+    _, tok, _, ref_tok = both
+    for t in TEXTS:
+        assert tok.encode(t) == ref_tok(t, add_special_tokens=False).input_ids, t
+        assert tok.decode(tok.encode(t)) == t
+    assert tok.encode("<|im_start|>") == [1]              # special tokens are matched whole
+
+
+def test_next_token_logits_match_transformers(both):
+    """Tolerance 1e-3 absolute on logits of magnitude ~20 (measured: ~5e-5)."""
+    ours, tok, ref, _ = both
+    for t in PROMPTS:
+        ids = torch.tensor([tok.encode(t)])
+        with torch.no_grad():
+            a = ours.head(ours(ids))[0]
+            b = ref(ids).logits[0]
+        assert (a - b).abs().max().item() < 1e-3, t
+        assert b.abs().max().item() > 5
+
+
+def test_greedy_32_tokens_match_transformers(both):
+    ours, tok, ref, _ = both
+    for t in PROMPTS:
+        ids = tok.encode(t)
+        got = M.generate(ours, [ids], max_new_tokens=32, eos_ids=[])[0]
+        with torch.no_grad():
+            exp = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=32, do_sample=False, pad_token_id=2,
+                               eos_token_id=ours.args.vocab_size + 1)  # an id never produced: no early stop
+        assert got == exp[0, len(ids):].tolist(), (t, tok.decode(got))
+    assert "Paris" in tok.decode(M.generate(ours, [tok.encode(PROMPTS[0])], max_new_tokens=8)[0])
