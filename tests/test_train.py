@@ -1,0 +1,165 @@
+"""train.py: the schedule, exact resume after an interruption, torchrun data parallelism equal
+to one process on the whole batch, gradient checkpointing, and a real learning test."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lora
+import model as M
+import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pattern_examples(n=32, length=12, seed=0):
+    """Sequences counting up by a per-sequence stride mod 40, offset 50: learnable, not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start, stride = int(torch.randint(0, 40, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        out.append([50 + (start + stride * i) % 40 for i in range(length)])
+    return out
+
+
+def lm_loss(model, examples):
+    idx = torch.tensor(examples)
+    sup = torch.ones_like(idx, dtype=torch.bool)
+    sup[:, :3] = False       # the first tokens fix the stride; supervise the rest
+    sup[:, -1] = False
+    return model.loss(idx, torch.roll(idx, -1, 1), sup), int(sup.sum())
+
+
+def fresh(path, seed=0, dropout=0.1, targets=("q_proj", "v_proj")):
+    m, _ = M.load(path)
+    torch.manual_seed(seed)
+    lora.inject(m, targets, r=4, alpha=8, dropout=dropout)
+    return m
+
+
+def test_lr_schedule_by_hand():
+    cfg = T.TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert T.lr_factor(0, cfg) == pytest.approx(0.1)
+    assert T.lr_factor(9, cfg) == pytest.approx(1.0)
+    assert T.lr_factor(10, cfg) == pytest.approx(1.0)
+    assert T.lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert T.lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    cfg = T.TrainConfig(batch_size=5, seed=3)
+    seen = [i for s in range(4) for i in T.batch_indices(s, 10, cfg)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs
+    assert T.batch_indices(2, 10, cfg) == T.batch_indices(2, 10, cfg)
+    assert seen[:10] != seen[10:20]
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    data = pattern_examples()
+    cfg = dict(steps=6, batch_size=4, micro_batch=2, lr=5e-3, warmup_steps=2, save_every=1, seed=1)
+    a = fresh(path)
+    T.train(a, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "a"), **cfg))
+
+    calls = {"n": 0}
+
+    def interrupted(model, ex):
+        calls["n"] += 1
+        if calls["n"] == 4 * 2 + 1:       # first micro-batch of step 5: like a Ctrl-C mid-step
+            raise KeyboardInterrupt
+        return lm_loss(model, ex)
+    b = fresh(path)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(b, data, interrupted, T.TrainConfig(out_dir=str(tmp_path / "b"), **cfg))
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 4
+    torch.manual_seed(12345)                  # whatever the process did since, resume restores it
+    c = fresh(path, seed=99)                  # a different initial adapter: the checkpoint replaces it
+    T.train(c, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "b"), **cfg), resume=True)
+    sa, sc = lora.adapter_state(a), lora.adapter_state(c)
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert any(not torch.equal(sa[k], lora.adapter_state(fresh(path))[k]) for k in sa)
+
+
+def test_validation_keeps_best_and_writes_files(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    m = fresh(path, dropout=0.0)
+    scores = iter([0.3, 0.9, 0.5, 0.7])
+    out = T.train(m, pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(tmp_path / "r"), steps=4, batch_size=2,
+                  eval_every=1, save_every=2), validate=lambda _: next(scores), run_config={"method": "test"})
+    assert out["best"] == 0.9
+    assert json.load(open(tmp_path / "r" / "best" / "metric.json")) == {"step": 2, "metric": 0.9}
+    assert json.load(open(tmp_path / "r" / "config.json"))["method"] == "test"
+    for f in ["best/adapter_model.safetensors", "final/adapter_config.json", "checkpoint.pt", "log.jsonl"]:
+        assert os.path.exists(tmp_path / "r" / f), f
+
+
+def test_tiny_model_learns_the_pattern(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    m = fresh(path, dropout=0.0, targets=lora.PROJECTIONS)
+    data = pattern_examples(64)
+    with torch.no_grad():
+        start = lm_loss(m, data)[0].item()
+    T.train(m, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "l"), steps=150, batch_size=8, lr=3e-2,
+                                            warmup_steps=5, save_every=1000, log_every=50))
+    with torch.no_grad():
+        end = lm_loss(m, data)[0].item()
+    assert end < 0.35 * start, (start, end)
+
+
+def test_grad_checkpoint_and_bf16_autocast(tiny_untied):
+    path, _ = tiny_untied
+    m = fresh(path, dropout=0.0)
+    m.train()
+    grads = []
+    for ckpt in (False, True):
+        m.grad_checkpoint = ckpt
+        for p in lora.lora_parameters(m):
+            p.grad = None
+        randB = lora.lora_modules(m)["model.layers.0.self_attn.q_proj"].lora_B.weight
+        with torch.no_grad():
+            randB.fill_(0.01)
+        lm_loss(m, pattern_examples(4))[0].backward()
+        grads.append([p.grad.clone() for p in lora.lora_parameters(m)])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(m, pattern_examples(4))[0]
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import lora, model as M, train as T
+    from test_train import pattern_examples, lm_loss
+    m, _ = M.load({path!r})
+    torch.manual_seed(0)
+    lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+    T.train(m, pattern_examples(), lm_loss, T.TrainConfig(out_dir={out!r}, steps=2, batch_size=4, micro_batch=1,
+            lr=1e-2, warmup_steps=1, save_every=100))
+    if int(os.environ.get("RANK", "0")) == 0:
+        lora.save_adapter(m, os.path.join({out!r}, "adapter"))
+""")
+
+
+def test_torchrun_two_processes_equal_one(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    outs = {}
+    for name, launcher in [("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])]:
+        script = tmp_path / f"{name}.py"
+        script.write_text(DDP_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), path=path, out=str(tmp_path / name)))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(launcher + [str(script)], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        from safetensors.torch import load_file
+        outs[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    assert json.load(open(tmp_path / "two" / "config.json"))["world_size"] == 2
+    for k in outs["one"]:
+        assert torch.allclose(outs["one"][k], outs["two"][k], atol=1e-6, rtol=1e-5), k
+    assert any(outs["one"][k].abs().max() > 0 for k in outs["one"] if "lora_B" in k)
