@@ -23,6 +23,10 @@ directory, same token ids; outputs are compared before timing.
   load_peak_rss      peak resident memory added by loading the model (VmHWM after minus VmRSS
                      before, in a fresh process); ours_over_weights = ours / weight bytes
   decode_128_bf16    ours in bfloat16 ("ours") against ours in float32 ("peer")
+  lora_step_512      one LoRA training step (r 8 on q_proj, v_proj; one 512-token sequence, last 8
+                     tokens supervised; forward, backward, AdamW) against transformers + peft;
+                     lora_step_512_peak_rss: peak resident memory during a step, above the
+                     worker's size before loading the model (weights + activations + state)
 """
 import argparse
 import json
@@ -39,9 +43,75 @@ PROMPT_64 = [100 + (i * 104729) % 39000 for i in range(64)]
 
 # ----------------------------------------------------------------------------- workers
 
+def rss(name="VmRSS:"):
+    for line in open("/proc/self/status"):
+        if line.startswith(name):
+            return int(line.split()[1]) * 1024
+
+
+def rss_step_peak(fn, baseline):
+    """Run fn; return (result, peak resident bytes during it above `baseline`, the process's
+    size after its imports and before loading the model). The kernel's high-water mark is
+    reset first (/proc/self/clear_refs, Linux), so the peak is that of this call, and it
+    counts the model's weights once whether they were read eagerly or are paged in lazily."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = fn()
+    return out, rss("VmHWM:") - baseline
+
+
+def lora_worker(side: str, model_dir: str):
+    """One LoRA training step: r 8, alpha 16, dropout 0 on q_proj and v_proj, one 512-token
+    sequence whose last 8 tokens are supervised, AdamW, fp32."""
+    import torch
+    ids = torch.tensor([PROMPT_512])
+    if side == "ours":
+        import lora
+        import model as M
+        baseline = rss()
+        import model as M
+        m, _ = M.load(model_dir)
+        lora.inject(m, ("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
+        params = lora.lora_parameters(m)
+        sup = torch.zeros_like(ids, dtype=torch.bool)
+        sup[:, -9:-1] = True                                  # position t predicts token t+1
+        targets = torch.roll(ids, -1, 1)
+
+        def loss_fn():
+            return m.loss(ids, targets, sup)
+    else:
+        import peft
+        from transformers import AutoModelForCausalLM
+        baseline = rss()
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        params = [p for p in m.parameters() if p.requires_grad]
+        labels = torch.full_like(ids, -100)
+        labels[:, -8:] = ids[:, -8:]                          # HF shifts: the same 8 predictions
+
+        def loss_fn():
+            return m(input_ids=ids, labels=labels).loss
+    m.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return round(loss.item(), 3)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        out, peak = rss_step_peak(step, baseline)
+        print(json.dumps({"t": time.perf_counter() - t0, "out": out, "peak": peak}), flush=True)
+
+
 def worker(side: str, model_dir: str, dtype: str):
     """Read one job name per line from stdin; answer {"t": seconds, "out": ...} per line."""
     import torch
+    if side.endswith("-lora"):
+        return lora_worker(side[:-5], model_dir)
     if side == "ours":
         import model as M
         m, _ = M.load(model_dir, dtype=getattr(torch, dtype))
@@ -118,13 +188,17 @@ class Worker:
 def compare(name, a: Worker, b: Worker, job_a: str, job_b: str, runs: int, **extra):
     """Warm up both, check their outputs agree, then alternate a/b `runs` times."""
     out_a, out_b = a(job_a)["out"], b(job_b)["out"]
-    ta, tb = [], []
+    ra, rb = [], []
     for _ in range(runs):
-        ta.append(a(job_a)["t"])
-        tb.append(b(job_b)["t"])
-    ours, peer = statistics.median(ta), statistics.median(tb)
+        ra.append(a(job_a))
+        rb.append(b(job_b))
+    ours, peer = statistics.median(r["t"] for r in ra), statistics.median(r["t"] for r in rb)
     print(json.dumps({"bench": name, "ours": round(ours, 4), "peer": round(peer, 4), "unit": "s",
                       "ratio": round(peer / ours, 3), "runs": runs, "same_output": out_a == out_b, **extra}), flush=True)
+    if "peak" in ra[0]:
+        po, pp = statistics.median(r["peak"] for r in ra), statistics.median(r["peak"] for r in rb)
+        print(json.dumps({"bench": name + "_peak_rss", "ours": po, "peer": pp, "unit": "bytes",
+                          "ratio": round(pp / po, 3), "runs": runs}), flush=True)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -170,8 +244,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Speed and memory of model.py against HF transformers (JSON lines).")
     ap.add_argument("--model", default=None, help="HF Llama directory (default: the default model)")
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--only", default="prefill,decode,long,memory,bf16")
-    ap.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    ap.add_argument("--only", default="prefill,decode,long,memory,bf16,lora")
+    ap.add_argument("--worker", choices=["ours", "peer", "ours-lora", "peer-lora"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     model_dir = a.model
@@ -203,6 +277,11 @@ def main(argv=None):
         bf16, fp32 = Worker("ours", model_dir, "bfloat16"), Worker("ours", model_dir)
         compare("decode_128_bf16", bf16, fp32, "decode", "decode", a.runs, note="ours bf16 vs ours fp32 (peer)")
         bf16.close(), fp32.close()
+    if "lora" in which:
+        ours, peer = Worker("ours-lora", model_dir), Worker("peer-lora", model_dir)
+        compare("lora_step_512", ours, peer, "step", "step", a.runs,
+                note="same_output compares the first step's loss (3 decimals)")
+        ours.close(), peer.close()
 
 
 if __name__ == "__main__":
