@@ -1,0 +1,225 @@
+"""Classical baselines on exactly the rows the LLM methods use.
+
+    python baselines.py --task binary      [--dataset DIR] [--out runs/baselines]
+    python baselines.py --task sequential  [--dataset DIR] [--out runs/baselines]
+
+binary (RecICL's task): trained on periods D0..D4 (all interactions, labels rating >= threshold),
+frozen, AUC and UAUC on each of D5..D9.
+  Pop            score = number of training interactions of the item
+  ItemLikeRate   score = the item's smoothed like rate in training ((likes + 1) / (n + 2))
+  MF             user/item embeddings (dim 32) + biases, trained with binary cross-entropy,
+                 Adam, early stopping on a random 5% of the training interactions held out
+sequential (AdaptRec's task): leave-one-out rows from data.sequential_rows with their fixed 20
+candidates; HR@1, HR@5, NDCG@5 on the test rows (ties against the target).
+  Pop            candidates ranked by training popularity
+  SASRec         Kang & McAuley 2018 (arXiv 1808.09781): item + position embeddings, 2 causal
+                 self-attention blocks (dim 64, 1 head, dropout 0.2), next item from the last
+                 position by dot product. Trained with cross-entropy over all items (the paper
+                 uses BCE with one sampled negative), early stopping on the validation rows.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+import eval as E
+
+
+# ----------------------------------------------------------------------------- binary task
+
+def binary_split(d: D.Data, n_periods: int, train_periods: int, threshold: float):
+    per = D.periods(len(d), n_periods)
+    y = (d.ratings >= threshold).astype(np.int64)
+    return per, y, per < train_periods
+
+
+class MF(nn.Module):
+    def __init__(self, n_users, n_items, dim=32):
+        super().__init__()
+        self.u, self.i = nn.Embedding(n_users, dim), nn.Embedding(n_items, dim)
+        self.ub, self.ib = nn.Embedding(n_users, 1), nn.Embedding(n_items, 1)
+        self.b = nn.Parameter(torch.zeros(1))
+        for e in (self.u, self.i):
+            nn.init.normal_(e.weight, std=0.01)
+        nn.init.zeros_(self.ub.weight), nn.init.zeros_(self.ib.weight)
+
+    def forward(self, u, i):
+        return (self.u(u) * self.i(i)).sum(-1) + self.ub(u)[:, 0] + self.ib(i)[:, 0] + self.b
+
+
+def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tr = np.flatnonzero(train_mask)
+    val = rng.choice(tr, size=max(1, len(tr) // 20), replace=False)
+    tr = np.setdiff1d(tr, val)
+    m = MF(len(d.user_ids), len(d.item_ids))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-5)
+    U, I, Y = torch.from_numpy(d.users), torch.from_numpy(d.items), torch.from_numpy(y).float()
+    best, best_state, bad = -1.0, None, 0
+    for ep in range(epochs):
+        perm = torch.from_numpy(rng.permutation(tr))
+        for s in range(0, len(perm), 1024):
+            b = perm[s:s + 1024]
+            loss = F.binary_cross_entropy_with_logits(m(U[b], I[b]), Y[b])
+            opt.zero_grad(), loss.backward(), opt.step()
+        with torch.no_grad():
+            v = E.auc(y[val], m(U[val], I[val]).numpy())
+        if v > best:
+            best, best_state, bad = v, {k: t.clone() for k, t in m.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    log(f"[baselines] MF: {ep + 1} epochs, best held-out AUC {best:.4f}")
+    m.load_state_dict(best_state)
+    return m
+
+
+def run_binary(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> list[dict]:
+    per, y, train = binary_split(d, n_periods, train_periods, threshold)
+    n_items = len(d.item_ids)
+    count = np.bincount(d.items[train], minlength=n_items).astype(np.float64)
+    likes = np.bincount(d.items[train], weights=y[train], minlength=n_items)
+    mf = train_mf(d, y, train, seed=seed, log=log)
+    with torch.no_grad():
+        mf_scores = mf(torch.from_numpy(d.users), torch.from_numpy(d.items)).numpy()
+    scorers = {"Pop": count[d.items], "ItemLikeRate": ((likes + 1) / (count + 2))[d.items], "MF": mf_scores}
+    rows = []
+    for name, s in scorers.items():
+        for p in range(train_periods, n_periods):
+            m = per == p
+            rows.append({"method": name, "period": f"D{p}", "auc": round(E.auc(y[m], s[m]), 4),
+                         "uauc": round(E.uauc(d.users[m], y[m], s[m]), 4), "n": int(m.sum())})
+    return rows
+
+
+# ----------------------------------------------------------------------------- sequential task
+
+class SASRec(nn.Module):
+    def __init__(self, n_items, max_len=10, dim=64, blocks=2, heads=1, dropout=0.2):
+        super().__init__()
+        self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)      # index 0 = padding, items shifted by 1
+        self.pos = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim, dropout, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.norm, self.drop, self.max_len = nn.LayerNorm(dim), nn.Dropout(dropout), max_len
+
+    def forward(self, hist):
+        """hist: (B, L) item index + 1, left-padded with 0 -> (B, dim) state after the last item."""
+        L = hist.shape[1]
+        x = self.item(hist) * self.item.embedding_dim ** 0.5 + self.pos(torch.arange(L))[None]
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+        h = self.enc(self.drop(x), mask=causal, src_key_padding_mask=hist == 0)
+        return self.norm(h[:, -1])
+
+    def scores(self, hist):
+        return self(hist) @ self.item.weight[1:].T                       # (B, n_items)
+
+
+def pad_hist(rows, max_len):
+    out = np.zeros((len(rows), max_len), dtype=np.int64)
+    for k, r in enumerate(rows):
+        h = r.history[-max_len:]
+        out[k, max_len - len(h):] = np.array(h) + 1
+    return torch.from_numpy(out)
+
+
+def candidate_ranks(scores: np.ndarray, rows) -> np.ndarray:
+    """scores (n_rows, n_items) -> rank of each row's target among its candidates."""
+    return np.array([E.rank_of_target(scores[k, r.candidates], r.candidates.index(r.target)) for k, r in enumerate(rows)])
+
+
+def seq_metrics(ranks) -> dict:
+    return {"hr1": round(E.hr_at_k(ranks, 1), 4), "hr5": round(E.hr_at_k(ranks, 5), 4),
+            "ndcg5": round(E.ndcg_at_k(ranks, 5), 4), "n": len(ranks),
+            "hr1_ci95": [round(x, 4) for x in E.bootstrap_ci(lambda r: E.hr_at_k(r, 1), ranks)]}
+
+
+def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    m = SASRec(n_items)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    H, T = pad_hist(rows["train"], m.max_len), torch.tensor([r.target for r in rows["train"]])
+    Hv = pad_hist(rows["valid"], m.max_len)
+    best, best_state, bad = -1.0, None, 0
+    for ep in range(epochs):
+        m.train()
+        perm = torch.from_numpy(rng.permutation(len(T)))
+        for s in range(0, len(perm), 256):
+            b = perm[s:s + 256]
+            loss = F.cross_entropy(m.scores(H[b]), T[b])
+            opt.zero_grad(), loss.backward(), opt.step()
+        m.eval()
+        with torch.no_grad():
+            v = E.hr_at_k(candidate_ranks(m.scores(Hv).numpy(), rows["valid"]), 1)
+        log(f"[baselines] SASRec epoch {ep + 1}: loss {loss.item():.3f}, valid HR@1 {v:.4f}")
+        if v > best:
+            best, best_state, bad = v, {k: t.clone() for k, t in m.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    m.load_state_dict(best_state)
+    return m.eval()
+
+
+def run_sequential(d: D.Data, seed=0, log=print) -> list[dict]:
+    rows = D.sequential_rows(d, seed=seed)
+    n_items = len(d.item_ids)
+    pop = np.bincount([r.target for r in rows["train"]], minlength=n_items).astype(np.float64)
+    test = rows["test"]
+    out = [{"method": "Pop", **seq_metrics(candidate_ranks(np.tile(pop, (len(test), 1)), test))}]
+    m = train_sasrec(n_items, rows, seed=seed, log=log)
+    with torch.no_grad():
+        out.append({"method": "SASRec", **seq_metrics(candidate_ranks(m.scores(pad_hist(test, m.max_len)).numpy(), test))})
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Classical baselines on the rows of the LLM methods; prints a table "
+                                "and writes OUT/baselines_TASK.json.")
+    p.add_argument("--task", choices=["binary", "sequential"], required=True)
+    p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
+    p.add_argument("--format", default=None, choices=sorted(D.READERS))
+    p.add_argument("--out", default="runs/baselines")
+    p.add_argument("--periods", type=int, default=10)
+    p.add_argument("--train-periods", type=int, default=5)
+    p.add_argument("--threshold", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.time()
+    try:
+        d = D.load(a.dataset, a.format)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if a.task == "binary":
+        rows = run_binary(d, a.periods, a.train_periods, a.threshold, a.seed, log)
+        print(f"{'method':<14}" + "".join(f"{r['period']:>8}" for r in rows if r["method"] == "Pop") + "   (AUC)")
+        for name in dict.fromkeys(r["method"] for r in rows):
+            print(f"{name:<14}" + "".join(f"{r['auc']:>8.4f}" for r in rows if r["method"] == name))
+    else:
+        rows = run_sequential(d, a.seed, log)
+        print(f"{'method':<10}{'HR@1':>8}{'HR@5':>8}{'NDCG@5':>8}{'n':>6}  HR@1 95% CI")
+        for r in rows:
+            print(f"{r['method']:<10}{r['hr1']:>8.4f}{r['hr5']:>8.4f}{r['ndcg5']:>8.4f}{r['n']:>6}  {r['hr1_ci95']}")
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"baselines_{a.task}.json")
+    with open(path, "w") as f:
+        json.dump({"config": vars(a), "elapsed_s": round(time.time() - t0, 1), "rows": rows}, f, indent=2)
+    log(f"[baselines] wrote {path} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""eval.py against brute force and hand-computed values, ties included."""
+import math
+
+import numpy as np
+import pytest
+
+import eval as E
+
+
+def brute_auc(labels, scores):
+    pos = [s for l, s in zip(labels, scores) if l]
+    neg = [s for l, s in zip(labels, scores) if not l]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_auc_equals_all_pairs_count_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 40)
+        scores = rng.integers(0, 6, 40).astype(float)          # many ties
+        if 0 < labels.sum() < 40:
+            assert E.auc(labels, scores) == pytest.approx(brute_auc(labels, scores), abs=1e-12)
+    assert E.auc([1, 0], [0.3, 0.3]) == 0.5
+    assert E.auc([1, 1, 0], [0.9, 0.1, 0.5]) == 0.5
+    assert math.isnan(E.auc([1, 1], [0.2, 0.3]))
+
+
+def test_uauc_by_hand():
+    users = [0, 0, 0, 1, 1, 2, 2]
+    labels = [1, 0, 0, 1, 0, 1, 1]                             # user 2 has one class: skipped
+    scores = [0.9, 0.5, 0.95, 0.1, 0.2, 0.3, 0.4]
+    assert E.uauc(users, labels, scores) == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_ranks_hr_ndcg_by_hand_ties_count_against():
+    assert E.rank_of_target([0.1, 0.9, 0.5], 1) == 0
+    assert E.rank_of_target([0.9, 0.5, 0.5, 0.1], 1) == 2       # one higher, one tied: pessimistic
+    assert E.rank_of_target([0.5] * 20, 7) == 19                # a constant scorer never hits
+    ranks = [0, 1, 4, 5]
+    assert E.hr_at_k(ranks, 1) == 0.25 and E.hr_at_k(ranks, 5) == 0.75
+    assert E.ndcg_at_k(ranks, 5) == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 0) / 4)
+
+
+def test_match_answer_and_generated_hr1():
+    cands = ["Heat (1995)", "Toy Story (1995)", "Toy Story 2 (1999)"]
+    assert E.match_answer("I recommend toy story (1995).", cands) == 1
+    assert E.match_answer("Heat (1995) or Toy Story (1995)", cands) is None   # two named: invalid
+    assert E.match_answer("Casablanca", cands) is None
+    assert E.match_answer("TOY STORY 2 (1999)", cands) == 2
+    r = E.hr1_generated([1, None, 2, 0], [1, 1, 0, 0])
+    assert r == {"valid_ratio": 0.75, "hr1": 0.5, "hr1_valid": pytest.approx(2 / 3), "n": 4}
+
+
+def test_bootstrap_interval_covers_estimate():
+    x = np.random.default_rng(1).integers(0, 2, 400)
+    lo, hi = E.bootstrap_ci(np.mean, x, n_boot=500)
+    assert lo < x.mean() < hi and hi - lo < 0.15
+    assert E.bootstrap_ci(np.mean, x, n_boot=200, seed=3) == E.bootstrap_ci(np.mean, x, n_boot=200, seed=3)
