@@ -83,7 +83,8 @@ def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
     return m
 
 
-def run_binary(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> list[dict]:
+def binary_scores(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> dict:
+    """{method: score of every interaction}, each model fitted on periods < train_periods only."""
     per, y, train = binary_split(d, n_periods, train_periods, threshold)
     n_items = len(d.item_ids)
     count = np.bincount(d.items[train], minlength=n_items).astype(np.float64)
@@ -91,9 +92,13 @@ def run_binary(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, 
     mf = train_mf(d, y, train, seed=seed, log=log)
     with torch.no_grad():
         mf_scores = mf(torch.from_numpy(d.users), torch.from_numpy(d.items)).numpy()
-    scorers = {"Pop": count[d.items], "ItemLikeRate": ((likes + 1) / (count + 2))[d.items], "MF": mf_scores}
+    return {"Pop": count[d.items], "ItemLikeRate": ((likes + 1) / (count + 2))[d.items], "MF": mf_scores}
+
+
+def run_binary(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> list[dict]:
+    per, y, _ = binary_split(d, n_periods, train_periods, threshold)
     rows = []
-    for name, s in scorers.items():
+    for name, s in binary_scores(d, n_periods, train_periods, threshold, seed, log).items():
         for p in range(train_periods, n_periods):
             m = per == p
             rows.append({"method": name, "period": f"D{p}", "auc": round(E.auc(y[m], s[m]), 4),

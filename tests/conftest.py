@@ -14,14 +14,17 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 
 
 def write_byte_tokenizer(path: str, vocab_size: int = 300):
-    """A byte-level BPE with the 256 byte symbols (ids 44..299 for a 300 vocab) and no merges;
-    ids 0..43 are filler special tokens so the vocab matches the tiny model."""
+    """A byte-level BPE with the 256 byte symbols, merges that make ' Yes' and ' No' single
+    tokens (as in real vocabularies), and filler special tokens <s0>, <s1>, ... in front so
+    the vocabulary has `vocab_size` entries."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     byte_syms = sorted(pre_tokenizers.ByteLevel.alphabet())
-    n_special = vocab_size - len(byte_syms)
+    merges = [("Ġ", "Y"), ("ĠY", "e"), ("ĠYe", "s"), ("Ġ", "N"), ("ĠN", "o")]
+    merged = ["".join(m) for m in merges]
+    n_special = vocab_size - len(byte_syms) - len(merged)
     specials = [f"<s{i}>" for i in range(n_special)]
-    vocab = {t: i for i, t in enumerate(specials + byte_syms)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab = {t: i for i, t in enumerate(specials + byte_syms + merged)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(s, special=True) for s in specials])

@@ -1,0 +1,139 @@
+"""recicl.py end to end on a tiny random model and a tiny dataset, plus its prompt rules,
+answer-token check and shared-prefix scoring."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import model as M
+import recicl as R
+
+
+def write_tiny_movielens(path, n_users=12, n_items=40, per_user=24, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "u.data"), "w") as f:
+        for u in range(1, n_users + 1):
+            for i in rng.choice(n_items, per_user, replace=False) + 1:
+                f.write(f"{u}\t{i}\t{rng.integers(1, 6)}\t{rng.integers(1000, 5000)}\n")
+    with open(os.path.join(path, "u.item"), "w", encoding="latin-1") as f:
+        for i in range(1, n_items + 1):
+            f.write(f"{i}|Movie {i} ({1950 + i})|01-Jan-1995|x\n")
+    return str(path)
+
+
+@pytest.fixture
+def setup_dirs(tmp_path):
+    from conftest import make_tiny_dir
+    make_tiny_dir(tmp_path / "tiny", tie=True, max_position_embeddings=1024)
+    return str(tmp_path / "tiny"), write_tiny_movielens(tmp_path / "ml"), str(tmp_path / "out")
+
+
+def common(model, ds, out):
+    return ["--model", model, "--dataset", ds, "--out", out, "--max-len", "600"]
+
+
+def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
+    model, ds, out = setup_dirs
+    small = ["--train-samples", "8", "--val-samples", "4", "--steps", "2", "--batch-size", "2", "--save-every", "1"]
+    R.main(["train"] + common(model, ds, out) + small)
+    R.main(["train", "--demos", "0"] + common(model, ds, out) + small)
+    for run in ("icl", "nodemo"):
+        assert os.path.exists(os.path.join(out, run, "best", "adapter_model.safetensors"))
+        assert json.load(open(os.path.join(out, run, "config.json")))["method"] == "recicl"
+    R.main(["eval", "--eval-samples", "12", "--update"] + small + common(model, ds, out))
+    res = json.load(open(os.path.join(out, "results.json")))
+    methods = {r["method"] for r in res["rows"]}
+    assert {"zero-shot", "TALLRec (no-demo tuned)", "RecICL", "MF", "Pop", "RecICL updated through D(t-1)"} <= methods
+    auc_rows = [r for r in res["rows"] if "auc" in r]
+    assert {r["period"] for r in auc_rows} == {"D5", "D6", "D7", "D8", "D9"}
+    assert all(r["n"] == 12 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
+    pdm = next(r for r in res["rows"] if r["method"] == "PDM")
+    assert len(pdm["per_period"]) == 4 and "definition" in pdm
+    assert os.path.exists(os.path.join(out, "update", "through_D8", "best", "adapter_model.safetensors"))
+    capsys.readouterr()
+    R.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6"] + common(model, ds, out))
+    before = capsys.readouterr().out
+    R.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6", "--feedback", "1:5", "2:1"] + common(model, ds, out))
+    after = capsys.readouterr().out
+    assert "(0 new)" in before and "(2 new)" in after
+    assert len([l for l in after.splitlines() if ". " in l and "item" in l]) == 6
+
+
+def tiny_prompter(model_dir, ds, k=4, max_len=400, demo_history=3):
+    d = D.load(ds, verbose=False)
+    samples = D.recicl_samples(d, k_demos=k)
+    args = M.ModelArgs.from_hf_config(json.load(open(os.path.join(model_dir, "config.json"))))
+    tok = M.load_tokenizer(model_dir, args)
+    return d, samples, tok, R.Prompter(d, samples, tok, k, demo_history, max_len)
+
+
+def test_over_long_prompt_drops_oldest_demos_first_and_keeps_query(setup_dirs):
+    model, ds, _ = setup_dirs
+    d, samples, tok, pr = tiny_prompter(model, ds, max_len=100_000)
+    s = next(x for x in samples if len(x.demos) == 4 and len(x.history) >= 3)
+    full, kept = pr.render(s)
+    assert [x.idx for x in kept] == s.demos
+    query = R.block([d.titles[i] for i in s.history], d.titles[s.item])
+    assert full.endswith(query)
+    n_full = len(tok.encode(full))
+    pr.max_len = n_full - 5                                   # one demonstration must go: the oldest
+    text, kept = pr.render(s)
+    assert [x.idx for x in kept] == s.demos[1:] and text.endswith(query)
+    pr.max_len = len(tok.encode(R.SYSTEM + query)) - 3         # no demos fit; oldest history titles go
+    text, kept = pr.render(s)
+    assert kept == [] and text.endswith(f'the movie titled "{d.titles[s.item]}". Answer with "Yes" or "No".\nAnswer:')
+    assert d.titles[s.history[-1]] in text and d.titles[s.history[0]] not in text
+    for x in samples:                                       # demonstrations are strictly earlier
+        assert all(samples[j].ts < x.ts for j in x.demos)
+
+
+def test_answer_tokens_checked_at_startup(tmp_path, setup_dirs):
+    model, _, _ = setup_dirs
+    args = M.ModelArgs.from_hf_config(json.load(open(os.path.join(model, "config.json"))))
+    tok = M.load_tokenizer(model, args)
+    yes, no = R.answer_ids(tok)
+    assert yes != no and tok.decode([yes]) == " Yes" and tok.decode([no]) == " No"
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    plain = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.save(str(tmp_path / "plain.json"))
+    with pytest.raises(ValueError, match="single distinct tokens"):
+        R.answer_ids(M.Tokenizer(str(tmp_path / "plain.json"), None, False, []))
+
+
+def test_shared_prefix_scoring_equals_separate_prompts(setup_dirs):
+    model_dir, ds, _ = setup_dirs
+    m, tok = M.load(model_dir)
+    d, samples, _, pr = tiny_prompter(model_dir, ds)
+    ans = R.answer_ids(tok)
+
+    class A:
+        threshold, demos, batch_size, max_len = 4.0, 1, 3, 1000
+    history = [(int(i), float(r)) for i, r in zip(d.items[d.users == 0], d.ratings[d.users == 0])]
+    cands = list(range(7))
+    ranked = dict(R.rank_for_user(m, tok, pr, d, history, cands, ans, A))
+    liked = [i for i, r in history if r >= 4][-10:]
+    for c in cands:                                         # the same prompt, whole, scored alone
+        demos = []
+        for k in range(len(history) - 1, len(history)):
+            i, r = history[k]
+            demos.append(D.Sample(-1, -1, i, int(r >= 4), 0, 0, [x for x, rr in history[:k] if rr >= 4][-10:], []))
+        text = R.SYSTEM + "".join(pr.demo_text(s) for s in demos) + R.block([d.titles[i] for i in liked], d.titles[c])
+        assert len(tok.encode(text)) < A.max_len                 # within budget: nothing was dropped
+        with torch.no_grad():
+            lg = R.yes_no_logits(m, [tok.encode(text)], ans)[0]
+        assert abs((lg[0] - lg[1]).item() - ranked[c]) < 1e-4
+
+
+def test_query_split_is_a_token_boundary_for_the_real_tokenizer(default_dir):
+    args = M.ModelArgs.from_hf_config(json.load(open(os.path.join(default_dir, "config.json"))))
+    tok = M.load_tokenizer(default_dir, args)
+    d = D.load(verbose=False)
+    liked = d.titles[:5]
+    for title in d.titles[::37] + ['Star Wars: "Episode" IV (1977)', "Amélie (2001)", "8 1/2 (1963)"]:
+        a, b = R.split_query(liked, title)
+        assert tok.encode(a) + tok.encode(b, bos=False) == tok.encode(a + b), title
