@@ -54,6 +54,20 @@ class MF(nn.Module):
         return (self.u(u) * self.i(i)).sum(-1) + self.ub(u)[:, 0] + self.ib(i)[:, 0] + self.b
 
 
+class EarlyStop:
+    """Keeps the best state by a validation metric (higher is better); says when to stop."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.state, self.bad = patience, -float("inf"), None, 0
+
+    def stop(self, metric: float, model: nn.Module) -> bool:
+        if metric > self.best:
+            self.best, self.state, self.bad = metric, {k: t.clone() for k, t in model.state_dict().items()}, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+
 def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -63,7 +77,7 @@ def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
     m = MF(len(d.user_ids), len(d.item_ids))
     opt = torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-5)
     U, I, Y = torch.from_numpy(d.users), torch.from_numpy(d.items), torch.from_numpy(y).float()
-    best, best_state, bad = -1.0, None, 0
+    es = EarlyStop(patience)
     for ep in range(epochs):
         perm = torch.from_numpy(rng.permutation(tr))
         for s in range(0, len(perm), 1024):
@@ -72,14 +86,10 @@ def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
             opt.zero_grad(), loss.backward(), opt.step()
         with torch.no_grad():
             v = E.auc(y[val], m(U[val], I[val]).numpy())
-        if v > best:
-            best, best_state, bad = v, {k: t.clone() for k, t in m.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    log(f"[baselines] MF: {ep + 1} epochs, best held-out AUC {best:.4f}")
-    m.load_state_dict(best_state)
+        if es.stop(v, m):
+            break
+    log(f"[baselines] MF: {ep + 1} epochs, best held-out AUC {es.best:.4f}")
+    m.load_state_dict(es.state)
     return m
 
 
@@ -155,7 +165,7 @@ def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     H, T = pad_hist(rows["train"], m.max_len), torch.tensor([r.target for r in rows["train"]])
     Hv = pad_hist(rows["valid"], m.max_len)
-    best, best_state, bad = -1.0, None, 0
+    es = EarlyStop(patience)
     for ep in range(epochs):
         m.train()
         perm = torch.from_numpy(rng.permutation(len(T)))
@@ -167,13 +177,9 @@ def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
         with torch.no_grad():
             v = E.hr_at_k(candidate_ranks(m.scores(Hv).numpy(), rows["valid"]), 1)
         log(f"[baselines] SASRec epoch {ep + 1}: loss {loss.item():.3f}, valid HR@1 {v:.4f}")
-        if v > best:
-            best, best_state, bad = v, {k: t.clone() for k, t in m.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    m.load_state_dict(best_state)
+        if es.stop(v, m):
+            break
+    m.load_state_dict(es.state)
     return m.eval()
 
 

@@ -508,28 +508,18 @@ def load_tokenizer(model_dir: str, args: ModelArgs) -> Tokenizer:
 
 # ----------------------------------------------------------------------------- inference
 
-def left_pad(rows: list[list[int]], pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and valid mask, left-padded so every row ends at the last column."""
+def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and valid mask. left=True ends every row at the last column (generation
+    appends there); left=False starts every row at column 0 (continuations after a prefix)."""
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
     T = max(len(r) for r in rows)
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     valid = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, r in enumerate(rows):
-        idx[b, T - len(r):] = torch.tensor(r)
-        valid[b, T - len(r):] = True
-    return idx.to(device), valid.to(device)
-
-
-def right_pad(rows: list[list[int]], pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every continuation needs at least one token")
-    T = max(len(r) for r in rows)
-    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        idx[b, :len(r)] = torch.tensor(r)
-        valid[b, :len(r)] = True
+        cols = slice(T - len(r), T) if left else slice(0, len(r))
+        idx[b, cols] = torch.tensor(r)
+        valid[b, cols] = True
     return idx.to(device), valid.to(device)
 
 
@@ -559,7 +549,7 @@ def next_token_logits(model: Llama, prompts: list[list[int]], prefix: list[int] 
     vid = None if vocab_ids is None else torch.tensor(vocab_ids, device=dev)
     out = []
     for s in range(0, len(prompts), batch_size):
-        idx, valid = right_pad(prompts[s:s + batch_size], device=dev)
+        idx, valid = pad(prompts[s:s + batch_size], left=False, device=dev)
         h = model(idx, valid, prefix=shared)
         last = valid.long().sum(1) - 1                                              # (b,)
         out.append(model.head(h[torch.arange(len(last)), last], vid))
@@ -577,7 +567,7 @@ def continuation_logprobs(model: Llama, prompt: list[int], continuations: list[l
     out = []
     for s in range(0, len(continuations), batch_size):
         chunk = continuations[s:s + batch_size]
-        idx, valid = right_pad(chunk, device=dev)                                   # (b, T)
+        idx, valid = pad(chunk, left=False, device=dev)                                   # (b, T)
         total = first_lp[idx[:, 0]]
         if idx.shape[1] > 1:
             h = model(idx[:, :-1], valid[:, :-1], prefix=cache)                     # (b, T-1, D)
@@ -616,7 +606,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 64, t
     eos = set(model.args.eos_ids if eos_ids is None else eos_ids)
     dev = model_device(model)
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    idx, valid = left_pad(prompts, device=dev)
+    idx, valid = pad(prompts, left=True, device=dev)
     B, T = idx.shape
     cache = KVCache(model.args, B, T + max_new_tokens, model_dtype(model), dev)
     h = model(idx, valid, cache=cache)

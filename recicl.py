@@ -104,7 +104,7 @@ def answer_ids(tok: M.Tokenizer) -> list:
 
 def yes_no_logits(model, rows_ids: list, ans: list) -> torch.Tensor:
     """(N, 2) fp32 logits of [Yes, No] after each prompt; differentiable (no no_grad here)."""
-    idx, valid = M.right_pad(rows_ids, device=M.model_device(model))
+    idx, valid = M.pad(rows_ids, left=False, device=M.model_device(model))
     h = model(idx, valid)
     last = valid.long().sum(1) - 1
     return model.head(h[torch.arange(len(rows_ids)), last], torch.tensor(ans, device=idx.device))

@@ -84,7 +84,7 @@ def test_left_padded_batch_equals_each_alone(tiny):
     m, _ = M.load(path)
     torch.manual_seed(5)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 11, 7, 1)]
-    idx, valid = M.left_pad(prompts)
+    idx, valid = M.pad(prompts, left=True)
     with torch.no_grad():
         cache = M.KVCache(m.args, len(prompts), idx.shape[1] + 6)
         h = m(idx, valid, cache=cache)
