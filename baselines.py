@@ -183,13 +183,13 @@ def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
     return m.eval()
 
 
-def run_sequential(d: D.Data, seed=0, log=print) -> list[dict]:
+def run_sequential(d: D.Data, seed=0, log=print, max_epochs=30) -> list[dict]:
     rows = D.sequential_rows(d, seed=seed)
     n_items = len(d.item_ids)
     pop = np.bincount([r.target for r in rows["train"]], minlength=n_items).astype(np.float64)
     test = rows["test"]
     out = [{"method": "Pop", **seq_metrics(candidate_ranks(np.tile(pop, (len(test), 1)), test))}]
-    m = train_sasrec(n_items, rows, seed=seed, log=log)
+    m = train_sasrec(n_items, rows, seed=seed, epochs=max_epochs, log=log)
     with torch.no_grad():
         out.append({"method": "SASRec", **seq_metrics(candidate_ranks(m.scores(pad_hist(test, m.max_len)).numpy(), test))})
     return out
@@ -208,6 +208,7 @@ def main(argv=None):
     p.add_argument("--train-periods", type=int, default=5)
     p.add_argument("--threshold", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=30, help="SASRec epochs at most (early stopping on valid HR@1, patience 3)")
     a = p.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
@@ -221,7 +222,7 @@ def main(argv=None):
         for name in dict.fromkeys(r["method"] for r in rows):
             print(f"{name:<14}" + "".join(f"{r['auc']:>8.4f}" for r in rows if r["method"] == name))
     else:
-        rows = run_sequential(d, a.seed, log)
+        rows = run_sequential(d, a.seed, log, a.max_epochs)
         print(f"{'method':<10}{'HR@1':>8}{'HR@5':>8}{'NDCG@5':>8}{'n':>6}  HR@1 95% CI")
         for r in rows:
             print(f"{r['method']:<10}{r['hr1']:>8.4f}{r['hr5']:>8.4f}{r['ndcg5']:>8.4f}{r['n']:>6}  {r['hr1_ci95']}")
