@@ -357,7 +357,7 @@ def cmd_recommend(a):
         cands = [i for i in np.argsort(-pop, kind="stable") if i not in seen][:a.max_candidates]
     ranked = rank_for_user(model, tok, prompter, d, history, cands, ans, a)
     print(f"user {a.user}: {len(history)} interactions ({len(a.feedback or [])} new), latest liked: "
-          f"{D.quoted_list(d.titles[i] for i, r in history if r >= a.threshold)[-300:]}")
+          f"{D.quoted_list([d.titles[i] for i, r in history if r >= a.threshold][-5:])}")
     for n, (i, s) in enumerate(ranked[:a.top], 1):
         print(f"{n:>3}. {s:+.3f}  {d.titles[i]}  (item {d.item_ids[i]})")
 
