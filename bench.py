@@ -69,7 +69,6 @@ def lora_worker(side: str, model_dir: str):
         import lora
         import model as M
         baseline = rss()
-        import model as M
         m, _ = M.load(model_dir)
         lora.inject(m, ("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
         params = lora.lora_parameters(m)

@@ -1,7 +1,6 @@
 """lora.py: the four LoRA invariants, merge, what an optimizer step touches, and interop with
 peft on top of transformers (the independent reference) in both directions."""
 import json
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 from conftest import make_tiny_dir
@@ -249,7 +248,6 @@ def test_truncated_safetensors(tiny_untied, keep):
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    from transformers import LlamaForCausalLM
     hf = make_tiny_dir(tmp_path / "a", tie=False)
     hf.save_pretrained(str(tmp_path / "b"), max_shard_size="40KB")
     assert os.path.exists(tmp_path / "b" / "model.safetensors.index.json")
