@@ -127,6 +127,12 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
+def rope_buffers(args: "ModelArgs", device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin tables (max_seq_len, hd) fp32, as the model keeps them."""
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    return cos.to(device), signed_sin(sin).to(device)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x: (B, h, T, hd); cos, sin_signed: (B, 1, T, hd) fp32. Rotates pairs (j, j + hd/2):
     x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = roll(x, hd/2) * sign."""
@@ -269,9 +275,9 @@ class Llama(nn.Module):
         self.model = Body(args)
         if not args.tie_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)                # (max_seq_len, hd) fp32
-        self.register_buffer("rope_sin_signed", signed_sin(sin), persistent=False)   # first half negated
+        cos, sin_signed = rope_buffers(args)
+        self.register_buffer("rope_cos", cos, persistent=False)                  # (max_seq_len, hd) fp32
+        self.register_buffer("rope_sin_signed", sin_signed, persistent=False)    # first half negated
         self.grad_checkpoint = False  # set by the training loop
 
     @property
@@ -313,7 +319,7 @@ class Llama(nn.Module):
         pos = (base_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)            # (B, T)
         if int(pos.max()) >= self.args.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[pos][:, None], self.rope_sin_signed[pos][:, None]             # (B, 1, T, hd)
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin_signed[pos][:, None]     # (B, 1, T, hd)
         mask = attention_mask(valid, past_valid)
 
         x = self.model.embed_tokens(idx)
@@ -465,8 +471,7 @@ def load(model_dir: str | None = None, dtype=torch.float32, device="cpu") -> tup
     missing = sorted(set(params) - seen)
     if missing:
         raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-    model.rope_cos, model.rope_sin_signed = cos.to(device), signed_sin(sin).to(device)
+    model.rope_cos, model.rope_sin_signed = rope_buffers(args, device)   # built on 'meta' above
     model.eval().requires_grad_(False)
     return model, load_tokenizer(model_dir, args)
 
