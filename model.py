@@ -127,10 +127,12 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def rope_buffers(args: "ModelArgs", device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin tables (max_seq_len, hd) fp32, as the model keeps them."""
+def rope_buffers(args: "ModelArgs", device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin tables (max_seq_len, hd) fp32, as the model keeps them; on the
+    current default device unless `device` is given."""
     cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-    return cos.to(device), signed_sin(sin).to(device)
+    sin_signed = signed_sin(sin)
+    return (cos, sin_signed) if device is None else (cos.to(device), sin_signed.to(device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
