@@ -118,13 +118,18 @@ def lora_parameters(model):
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's names."""
+def adapter_params(model) -> dict[str, nn.Parameter]:
+    """The adapter's parameters under peft's tensor names."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight
     return out
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names, detached and contiguous, for saving."""
+    return {k: p.detach().contiguous() for k, p in adapter_params(model).items()}
 
 
 def save_adapter(model, out_dir: str, base_model: str = ""):
@@ -180,7 +185,7 @@ def load_adapter(model, adapter_dir: str) -> dict:
     state = load_file(path)
     if not lora_modules(model):
         inject(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
-    expected = adapter_state(model)
+    expected = adapter_params(model)
     for k, v in state.items():
         if k not in expected:
             raise ValueError(f"{path}: tensor {k} does not fit this model (targets {cfg['target_modules']})")
@@ -189,11 +194,7 @@ def load_adapter(model, adapter_dir: str) -> dict:
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{path}: missing adapter tensors, e.g. {missing[0]}")
-    by_name = {}
-    for name, m in lora_modules(model).items():
-        by_name[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight
-        by_name[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight
     with torch.no_grad():
         for k, v in state.items():
-            by_name[k].copy_(v)
+            expected[k].copy_(v)
     return cfg

@@ -118,10 +118,7 @@ def save_checkpoint(path, model, opt, sched, step, best, cfg, rng=None):
 
 def load_checkpoint(path, model, opt, sched) -> tuple[int, float | None]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    params = {}
-    for name, m in lora.lora_modules(model).items():
-        params[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight
-        params[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight
+    params = lora.adapter_params(model)
     if set(params) != set(ck["adapter"]):
         raise ValueError(f"{path}: the checkpoint's adapter does not match this model's LoRA modules")
     with torch.no_grad():
