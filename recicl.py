@@ -74,13 +74,19 @@ class Prompter:
         hist = s.history[-self.demo_history:] if self.demo_history else []
         return block(self.titles(hist), self.d.titles[s.item], s.label)
 
-    def render(self, s: D.Sample, demos=None, history=None, title=None) -> tuple[str, list]:
-        """(text, demonstration samples kept) for sample s; demos/history override s's own."""
-        demos = [self.samples[j] for j in s.demos[-self.k:]] if demos is None and self.k else (demos or [])
-        history = s.history if history is None else history
-        title = self.d.titles[s.item] if title is None else title
-        render = lambda ds, hist: SYSTEM + "".join(self.demo_text(x) for x in ds) + block(self.titles(hist), title)  # noqa: E731
-        text, kept, _ = D.fit_budget(render, demos, history, lambda t: len(self.tok.encode(t)), self.max_len)
+    def text(self, demos: list, history: list, title: str) -> str:
+        """System line, demonstration blocks (oldest first), then the query block."""
+        return SYSTEM + "".join(self.demo_text(x) for x in demos) + block(self.titles(history), title)
+
+    def fit(self, demos: list, history: list, title: str) -> tuple[str, list, list]:
+        """data.fit_budget on this prompt: (text, demonstrations kept, history kept)."""
+        return D.fit_budget(lambda ds, hist: self.text(ds, hist, title), demos, history,
+                            lambda t: len(self.tok.encode(t)), self.max_len)
+
+    def render(self, s: D.Sample) -> tuple[str, list]:
+        """(text, demonstration samples kept) for sample s."""
+        demos = [self.samples[j] for j in s.demos[-self.k:]] if self.k else []
+        text, kept, _ = self.fit(demos, s.history, self.d.titles[s.item])
         return text, kept
 
     def ids(self, s: D.Sample) -> list:
@@ -218,6 +224,13 @@ def train_adapter(a, d, samples, model, prompter, ans, pool_periods, out_dir, lo
                                "val_samples": len(val)}, base_model=a.model or "SmolLM2-135M-Instruct")
 
 
+def tuned_model(a, adapter_dir: str):
+    """A fresh copy of the base model with the adapter in adapter_dir."""
+    m = M.load(a.model, dtype=a.dtype)[0]
+    lora.load_adapter(m, adapter_dir)
+    return m
+
+
 def cmd_train(a):
     t0 = time.time()
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
@@ -264,8 +277,7 @@ def cmd_eval(a):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
-            m = M.load(a.model, dtype=a.dtype)[0]
-            lora.load_adapter(m, path)
+            m = tuned_model(a, path)
         for p, rs in rows.items():
             log_fn(f"[recicl] {name} on D{p} ({len(rs)} rows, {time.time() - t0:.0f}s so far)")
             results.append({"method": name, "period": f"D{p}", **metrics(rs, score(m, prompters[k], rs, ans, a.score_batch))})
@@ -290,14 +302,10 @@ def updated_models(a, d, samples, prompter, ans, rows, results, t0) -> list:
     out, gains = [], []
     for p in list(rows)[1:]:
         out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
-        m = M.load(a.model, dtype=a.dtype)[0]
-        if os.path.exists(os.path.join(out_dir, "best", "adapter_config.json")):
-            lora.load_adapter(m, os.path.join(out_dir, "best"))
-        else:
+        if not os.path.exists(os.path.join(out_dir, "best", "adapter_config.json")):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
-            train_adapter(a, d, samples, m, prompter, ans, p, out_dir, log_fn)
-            m = M.load(a.model, dtype=a.dtype)[0]
-            lora.load_adapter(m, os.path.join(out_dir, "best"))
+            train_adapter(a, d, samples, M.load(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
+        m = tuned_model(a, os.path.join(out_dir, "best"))      # the best adapter, not the last step
         row = {"method": "RecICL updated through D(t-1)", "period": f"D{p}", **metrics(rows[p], score(m, prompter, rows[p], ans, a.score_batch))}
         frozen = next((r for r in results if r["method"] == "RecICL" and r["period"] == f"D{p}"), None)
         if frozen is not None:
@@ -365,7 +373,8 @@ def cmd_recommend(a):
 def rank_for_user(model, tok, prompter, d, history, cands, ans, a):
     """Score candidates by logit(Yes) - logit(No) with the user's latest feedback as
     demonstrations. The prompt up to the candidate's title is computed once (shared prefix);
-    the budget (--max-len, for the longest candidate) drops the oldest demonstrations first."""
+    the prompter's budget (--max-len), met for the longest candidate, drops the oldest
+    demonstrations first."""
     liked = [i for i, r in history if r >= a.threshold][-10:]
     demos = []                       # the user's latest K interactions, each with what it knew
     for k in range(max(0, len(history) - a.demos), len(history)) if a.demos else []:
@@ -373,10 +382,8 @@ def rank_for_user(model, tok, prompter, d, history, cands, ans, a):
         liked_before = [x for x, rr in history[:k] if rr >= a.threshold][-10:]
         demos.append(D.Sample(-1, -1, i, int(r >= a.threshold), 0, 0, liked_before, []))
     longest = max(cands, key=lambda c: len(tok.encode(d.titles[c], bos=False)))
-    render = lambda ds, hist: SYSTEM + "".join(prompter.demo_text(s) for s in ds) + block(  # noqa: E731
-        [d.titles[i] for i in hist], d.titles[longest])
-    _, demos, liked = D.fit_budget(render, demos, liked, lambda t: len(tok.encode(t)), a.max_len)
-    titles = [d.titles[i] for i in liked]
+    _, demos, liked = prompter.fit(demos, liked, d.titles[longest])
+    titles = prompter.titles(liked)
     prefix = tok.encode(SYSTEM + "".join(prompter.demo_text(s) for s in demos) + split_query(titles, d.titles[longest])[0])
     suffixes = [tok.encode(split_query(titles, d.titles[c])[1], bos=False) for c in cands]
     lg = M.next_token_logits(model, suffixes, prefix=prefix, batch_size=a.batch_size, vocab_ids=ans)

@@ -108,11 +108,11 @@ def test_answer_tokens_checked_at_startup(tmp_path, setup_dirs):
 def test_shared_prefix_scoring_equals_separate_prompts(setup_dirs):
     model_dir, ds, _ = setup_dirs
     m, tok = M.load(model_dir)
-    d, samples, _, pr = tiny_prompter(model_dir, ds)
+    d, samples, _, pr = tiny_prompter(model_dir, ds, max_len=1000)
     ans = R.answer_ids(tok)
 
     class A:
-        threshold, demos, batch_size, max_len = 4.0, 1, 3, 1000
+        threshold, demos, batch_size = 4.0, 1, 3
     history = [(int(i), float(r)) for i, r in zip(d.items[d.users == 0], d.ratings[d.users == 0])]
     cands = list(range(7))
     ranked = dict(R.rank_for_user(m, tok, pr, d, history, cands, ans, A))
@@ -123,7 +123,7 @@ def test_shared_prefix_scoring_equals_separate_prompts(setup_dirs):
             i, r = history[k]
             demos.append(D.Sample(-1, -1, i, int(r >= 4), 0, 0, [x for x, rr in history[:k] if rr >= 4][-10:], []))
         text = R.SYSTEM + "".join(pr.demo_text(s) for s in demos) + R.block([d.titles[i] for i in liked], d.titles[c])
-        assert len(tok.encode(text)) < A.max_len                 # within budget: nothing was dropped
+        assert len(tok.encode(text)) < pr.max_len                # within budget: nothing was dropped
         with torch.no_grad():
             lg = R.yes_no_logits(m, [tok.encode(text)], ans)[0]
         assert abs((lg[0] - lg[1]).item() - ranked[c]) < 1e-4
