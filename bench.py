@@ -204,18 +204,15 @@ def compare(name, a: Worker, b: Worker, job_a: str, job_b: str, runs: int, **ext
 
 _RSS_SNIPPET = r"""
 import sys, torch
-def rss(field):
-    for line in open('/proc/self/status'):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
+from bench import rss
 which, path = sys.argv[1], sys.argv[2]
 if which == 'ours':
     import model as M
-    before = rss('VmRSS:')
+    before = rss()
     m, _ = M.load(path)
 else:
     from transformers import AutoModelForCausalLM
-    before = rss('VmRSS:')
+    before = rss()
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in m.parameters()}.values())
 print(rss('VmHWM:') - before, weights)
