@@ -131,20 +131,21 @@ def read_recbole(directory: str, counts: Counter):
     return rows, titles
 
 
-def read_ml100k(directory: str, counts: Counter):
-    data, item = os.path.join(directory, "u.data"), os.path.join(directory, "u.item")
+def _movielens(directory, counts, ratings, ratings_sep, movies, movies_sep):
+    """MovieLens raw files: ratings `user item rating ts`, movies `id title ...` (latin-1)."""
+    data, item = os.path.join(directory, ratings), os.path.join(directory, movies)
     rows = [(p[0], p[1], _num(p[2], float, data, n, "rating"), _num(p[3], int, data, n, "timestamp"))
-            for n, p in _rows(data, "\t", 4, counts)]
-    titles = {p[0]: p[1] for _, p in _rows(item, "|", 2, counts, encoding="latin-1")}
+            for n, p in _rows(data, ratings_sep, 4, counts)]
+    titles = {p[0]: p[1] for _, p in _rows(item, movies_sep, 2, counts, encoding="latin-1")}
     return rows, titles
+
+
+def read_ml100k(directory: str, counts: Counter):
+    return _movielens(directory, counts, "u.data", "\t", "u.item", "|")
 
 
 def read_ml1m(directory: str, counts: Counter):
-    data, item = os.path.join(directory, "ratings.dat"), os.path.join(directory, "movies.dat")
-    rows = [(p[0], p[1], _num(p[2], float, data, n, "rating"), _num(p[3], int, data, n, "timestamp"))
-            for n, p in _rows(data, "::", 4, counts)]
-    titles = {p[0]: p[1] for _, p in _rows(item, "::", 2, counts, encoding="latin-1")}
-    return rows, titles
+    return _movielens(directory, counts, "ratings.dat", "::", "movies.dat", "::")
 
 
 def _json_lines(path, counts):
