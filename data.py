@@ -29,6 +29,7 @@ consecutive blocks of equal size (the first N mod P blocks one larger). Every hi
 demonstration of a query comes from interactions with a strictly smaller timestamp.
 """
 import argparse
+import bisect
 import csv
 import gzip
 import json
@@ -343,15 +344,21 @@ def recicl_samples(d: Data, n_periods: int = 10, threshold: float = 4.0, k_demos
     user's at most `max_history` most recent liked items with a strictly earlier timestamp.
     Demonstrations: the user's `k_demos` most recent samples with a strictly earlier timestamp."""
     per = periods(len(d), n_periods)
-    past = defaultdict(list)          # user -> sample indices so far, time order
+    # per user, in time order: (timestamps, sample indices) of all samples and of liked ones;
+    # the samples strictly before time t are a prefix of each, found by binary search
+    seen = defaultdict(lambda: ([], []))
+    liked = defaultdict(lambda: ([], []))
     out = []
     for j in range(len(d)):
-        u, t = int(d.users[j]), int(d.ts[j])
-        earlier = [s for s in past[u] if out[s].ts < t]
-        liked = [out[s].item for s in earlier if out[s].label]
-        out.append(Sample(j, u, int(d.items[j]), int(d.ratings[j] >= threshold), t, int(per[j]),
-                          liked[-max_history:], earlier[-k_demos:] if k_demos else []))
-        past[u].append(j)
+        u, t, item = int(d.users[j]), int(d.ts[j]), int(d.items[j])
+        label = int(d.ratings[j] >= threshold)
+        (s_ts, s_ix), (l_ts, l_items) = seen[u], liked[u]
+        n_seen, n_liked = bisect.bisect_left(s_ts, t), bisect.bisect_left(l_ts, t)
+        demos = s_ix[max(0, n_seen - k_demos):n_seen] if k_demos else []
+        out.append(Sample(j, u, item, label, t, int(per[j]), l_items[max(0, n_liked - max_history):n_liked], demos))
+        s_ts.append(t), s_ix.append(j)
+        if label:
+            l_ts.append(t), l_items.append(item)
     return out
 
 
