@@ -178,6 +178,15 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    def row(self, b: int) -> "KVCache":
+        """A batch-1 view of row b (no copy): a read-only prefix for continuations of that row
+        only, e.g. after a left-padded batch prefill (its pad slots stay invalid)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v]
+        view.valid, view.next_pos = self.valid[b:b + 1], self.next_pos[b:b + 1]
+        view.length, view.max_len = self.length, self.max_len
+        return view
+
 
 # ----------------------------------------------------------------------------- modules
 
@@ -568,16 +577,24 @@ def continuation_logprobs(model: Llama, prompt: list[int], continuations: list[l
                           batch_size: int = 32) -> torch.Tensor:
     """Sum of log p(continuation tokens | prompt) for each continuation, (N,) fp32.
     The prompt is run once into a batch-1 cache that all continuations attend to."""
-    dev = model_device(model)
     cache, first_logits = prefill(model, prompt)
-    first_lp = torch.log_softmax(first_logits, -1)                                   # (V,)
+    return logprobs_after(model, cache, first_logits, continuations, batch_size)
+
+
+@torch.no_grad()
+def logprobs_after(model: Llama, prefix: KVCache, first_logits: torch.Tensor, continuations: list[list[int]],
+                   batch_size: int = 32) -> torch.Tensor:
+    """continuation_logprobs for a prompt already in a batch-1 cache `prefix` (read only),
+    whose next-token logits are first_logits (V,)."""
+    dev = model_device(model)
+    first_lp = torch.log_softmax(first_logits.float(), -1)                           # (V,)
     out = []
     for s in range(0, len(continuations), batch_size):
         chunk = continuations[s:s + batch_size]
         idx, valid = pad(chunk, left=False, device=dev)                                   # (b, T)
         total = first_lp[idx[:, 0]]
         if idx.shape[1] > 1:
-            h = model(idx[:, :-1], valid[:, :-1], prefix=cache)                     # (b, T-1, D)
+            h = model(idx[:, :-1], valid[:, :-1], prefix=prefix)                    # (b, T-1, D)
             tgt_valid = valid[:, 1:]
             lp = torch.log_softmax(model.head(h[tgt_valid]), -1)                     # (n, V)
             tok_lp = torch.zeros(tgt_valid.shape, device=dev)
@@ -608,16 +625,28 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 64, t
     """Continue a batch of prompts (left-padded, per-row positions) with a KV cache.
     A row stops at an EOS id (not included) or when its decoded text contains a stop string
     (the text is not cut here; see `cut_at_stop`). Returns the new ids of each row."""
+    cache, logits = prefill_batch(model, prompts, max_new_tokens)
+    return decode(model, cache, logits, max_new_tokens, temperature, top_p, eos_ids, stop, tokenizer, seed)
+
+
+def prefill_batch(model: Llama, prompts: list[list[int]], extra: int) -> tuple[KVCache, torch.Tensor]:
+    """Left-padded prompts into a fresh cache with `extra` free slots; (cache, (B, V) fp32 logits)."""
+    idx, valid = pad(prompts, left=True, device=model_device(model))
+    cache = KVCache(model.args, idx.shape[0], idx.shape[1] + extra, model_dtype(model), model_device(model))
+    h = model(idx, valid, cache=cache)
+    return cache, model.head(h[:, -1])
+
+
+def decode(model: Llama, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, eos_ids: list[int] | None = None, stop: list[str] | None = None,
+           tokenizer: Tokenizer | None = None, seed: int | None = None) -> list[list[int]]:
+    """The decoding loop of `generate`, from a filled cache and its next-token logits (B, V)."""
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     eos = set(model.args.eos_ids if eos_ids is None else eos_ids)
     dev = model_device(model)
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    idx, valid = pad(prompts, left=True, device=dev)
-    B, T = idx.shape
-    cache = KVCache(model.args, B, T + max_new_tokens, model_dtype(model), dev)
-    h = model(idx, valid, cache=cache)
-    logits = model.head(h[:, -1])                                                    # (B, V)
+    B = logits.shape[0]
     out = [[] for _ in range(B)]
     done = [False] * B
     for _ in range(max_new_tokens):
