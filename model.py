@@ -7,7 +7,10 @@ What is here, top to bottom:
   KVCache              preallocated (B, n_kv, T_max, hd) tensors written at explicit slots
   load                 strict loader for a HF-layout directory (safetensors, single or sharded)
   generate             greedy / temperature + top-p sampling, EOS and stop strings, seeded
-  continuation_logprobs, next_token_logits     batched scoring (shared prefix computed once)
+                       (= prefill_batch, then decode)
+  continuation_logprobs, logprobs_after, next_token_logits
+                       batched scoring (shared prefix computed once; KVCache.row lets one
+                       row of a batch prefill serve as that prefix)
   main                 `python model.py --prompt "..."`
 
 What is left out: rope scaling, attention/MLP biases, activations other than SiLU, sliding

@@ -1,6 +1,7 @@
 """adaptrec.py: retrieval against brute force, no self and no future in what is retrieved,
 shared-prefix ranking against a plain full-sequence forward, the answer-only loss, selection
 rules, and train / eval / recommend end to end on a tiny random model and tiny data."""
+import argparse
 import json
 import os
 
@@ -174,6 +175,8 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     A.main(args)                                    # same rows, candidates and demonstrations: same numbers
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
+    A.main(["train", *common, "--run", "noval", "--m", "2", "--train-rows", "4", "--batch-size", "4", "--epochs", "1"])
+    assert A.adapter_dir(argparse.Namespace(out=out, run="noval")).endswith("final")
     capsys.readouterr()
     A.main(["recommend", *common, "--user", "3", "--m", "2"])
     text = capsys.readouterr().out
