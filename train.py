@@ -75,6 +75,14 @@ def dist_info() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def dist_close():
+    """End the process group dist_info started (all ranks wait for each other first). Without
+    it a gloo process can abort at interpreter exit ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def make_optimizer(params, cfg: TrainConfig):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

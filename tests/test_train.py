@@ -144,6 +144,7 @@ DDP_SCRIPT = textwrap.dedent("""
             lr=1e-2, warmup_steps=1, save_every=100))
     if int(os.environ.get("RANK", "0")) == 0:
         lora.save_adapter(m, os.path.join({out!r}, "adapter"))
+    T.dist_close()
 """)
 
 
