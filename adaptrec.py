@@ -518,6 +518,7 @@ def cmd_train(a):
     summary = T.train(s.model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
                       run_config={"method": "adaptrec", "args": vars(a), "train_rows": len(examples), "val_rows": len(val_rows)},
                       base_model=a.model or "SmolLM2-135M-Instruct")
+    T.dist_close()
     log_fn(f"[adaptrec] done in {time.time() - t0:.0f}s; " + (f"best validation NDCG@20 {summary['best']:.4f}; " if val_rows else "")
            + f"adapter in {adapter_dir(a)}")
 
@@ -592,16 +593,13 @@ def report(results: list, agree: dict | None, a, elapsed: float):
     for r in results:
         print(f"{r['method']:<22}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
               f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}{r['n']:>5}")
-    print("HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(title + EOS).")
+    print("HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS).")
     if agree:
         print(f"stage 2 vs stage 1 (M={agree['m']}): top-M sets differ on {agree['top_m_set_differs']:.1%} of rows, "
               f"top-1 on {agree['top_1_differs']:.1%}; mean overlap {agree['mean_overlap']:.2f} of {agree['m']}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
-    config = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(a).items() if k != "func"}
-    with open(path + ".tmp", "w") as f:
-        json.dump({"config": config, "elapsed_s": round(elapsed, 1), "selection": agree, "rows": results}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "rows": results}, path)
     log_fn(f"[adaptrec] wrote {path} ({elapsed:.0f}s)")
 
 

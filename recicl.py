@@ -23,7 +23,6 @@ prompt budget of 512 tokens, met by dropping the oldest demonstrations, then the
 history titles, never the query. Flags take every part to the paper's full size.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -236,6 +235,7 @@ def cmd_train(a):
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
     out_dir = os.path.join(a.out, run_name(a.demos))
     summary = train_adapter(a, d, samples, model, prompter, ans, a.train_periods, out_dir, log_fn)
+    T.dist_close()
     log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {summary['best']:.4f}; "
            f"adapter in {os.path.join(out_dir, 'best')}")
 
@@ -328,10 +328,7 @@ def report(results, a, elapsed):
             print(f"PDM = {r['pdm']:+.4f} (per period {r['per_period']}). {r['definition']}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
-    config = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(a).items() if k != "func"}
-    with open(path + ".tmp", "w") as f:
-        json.dump({"config": config, "elapsed_s": round(elapsed, 1), "rows": results}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "rows": results}, path)
     log_fn(f"[recicl] wrote {path} ({elapsed:.0f}s)")
 
 
