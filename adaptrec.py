@@ -231,10 +231,9 @@ def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size:
 class Selector:
     """Stage 2 over stage 1's lists; the LLM's ratings are cached in a JSON file per model."""
 
-    def __init__(self, d, pool, model, tok, path: str, judge_history: int = 5, log=None):
+    def __init__(self, d, pool, model, tok, path: str, key: str, judge_history: int = 5, log=None):
         self.d, self.pool, self.model, self.tok, self.path, self.log = d, pool, model, tok, path, log
-        self.judge_history = judge_history
-        self.key, self.digits = model_key(model), rating_ids(tok)
+        self.key, self.judge_history, self.digits = key, judge_history, rating_ids(tok)
         self.scores = {}
         if os.path.exists(path):
             with open(path) as f:
@@ -350,48 +349,39 @@ def loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
     return model.loss(idx, targets, supervised, valid), int(valid.sum())
 
 
-@torch.no_grad()
-def rank_rows(model, prompter: Prompter, rows: list, demos: dict, log=None) -> np.ndarray:
-    """Rank (0 = first) of each row's target among its candidates by log p(' "<title>"' + EOS | prompt).
-    The prompt runs once per row; the 20 answers attend to it as a shared prefix."""
-    ranks, t0 = [], time.time()
-    for n, r in enumerate(rows):
-        lp = M.continuation_logprobs(model, prompter.ids(r, demos[row_key(r)]), [prompter.answer(c) for c in r.candidates])
-        ranks.append(E.rank_of_target(lp.numpy(), r.candidates.index(r.target)))
-        if log and n % 50 == 49:
-            log(f"[adaptrec]   ranked {n + 1}/{len(rows)} rows ({time.time() - t0:.0f}s)")
-    return np.array(ranks)
-
-
 @torch.inference_mode()
 def answer_and_rank(model, tok, prompter: Prompter, rows: list, demos: dict, batch_size: int = 8,
-                    max_new_tokens: int = 64, log=None) -> tuple[list, np.ndarray]:
+                    max_new_tokens: int = 64, log=None) -> tuple[list, list]:
     """For each row, in one pass over its prompt: the greedy answer (first line of at most
-    max_new_tokens new tokens) and the rank of the target among the candidates by
-    log p(' "<title>"' + EOS | prompt). Prompts are prefilled in left-padded batches (in order of
+    max_new_tokens new tokens; max_new_tokens 0 = ranking only) and log p(' "<title>"' + EOS | prompt)
+    of each candidate, (20,) fp32. Prompts are prefilled in left-padded batches (in order of
     length); each row's 20 answers then attend to its slice of that cache (KVCache.row) before
     the batch decodes from it."""
     prompts = [prompter.ids(r, demos[row_key(r)]) for r in rows]
     order = sorted(range(len(rows)), key=lambda k: len(prompts[k]))
-    answers, ranks, t0 = [None] * len(rows), np.zeros(len(rows), dtype=np.int64), time.time()
+    answers, logprobs, t0 = [None] * len(rows), [None] * len(rows), time.time()
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         cache, logits = M.prefill_batch(model, [prompts[k] for k in chunk], max_new_tokens)
         for b, k in enumerate(chunk):
-            r = rows[k]
-            lp = M.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in r.candidates])
-            ranks[k] = E.rank_of_target(lp.numpy(), r.candidates.index(r.target))
+            logprobs[k] = M.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in rows[k].candidates])
         new = M.decode(model, cache, logits, max_new_tokens, stop=["\n"], tokenizer=tok)
         for k, ids in zip(chunk, new):
             answers[k] = tok.decode(ids).strip().split("\n")[0].strip()
         if log:
             log(f"[adaptrec]   {min(s + batch_size, len(rows))}/{len(rows)} rows ({time.time() - t0:.0f}s)")
-    return answers, ranks
+    return answers, logprobs
+
+
+def target_ranks(rows: list, logprobs: list) -> np.ndarray:
+    """Rank (0 = first, ties against the target) of each row's target by its candidates' log-probs."""
+    return np.array([E.rank_of_target(lp.numpy(), r.candidates.index(r.target)) for r, lp in zip(rows, logprobs)])
 
 
 def evaluate(model, tok, prompter, rows, demos, a, log=None) -> dict:
     """Generation (ValidRatio, HR@1 over all rows) and likelihood ranking (HR@1, HR@5, NDCG@5)."""
-    answers, ranks = answer_and_rank(model, tok, prompter, rows, demos, a.gen_batch, log=log)
+    answers, logprobs = answer_and_rank(model, tok, prompter, rows, demos, a.gen_batch, log=log)
+    ranks = target_ranks(rows, logprobs)
     matched = [E.match_answer(t, prompter.titles(r.candidates)) for t, r in zip(answers, rows)]
     targets = [r.candidates.index(r.target) for r in rows]
     g = E.hr1_generated(matched, targets)
@@ -457,15 +447,14 @@ def setup(a, log) -> Setup:
     cache = os.path.join(a.out, "cache")
     retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.pt"), key), a.n, log)
     selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-h{a.judge_history}.json"),
-                        a.judge_history, log)
+                        key, a.judge_history, log)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "
         f"pool of {len(pool.users)} users; N={a.n}, budget {a.max_len} tokens")
     return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.max_len))
 
 
-def demonstrations(s: Setup, rows: list, m: int, how: str, seed: int, log=None) -> dict:
-    """row_key -> pool indices of the row's demonstrations (stages 1 and 2, base model)."""
-    retrieved = s.retriever.retrieve(rows)
+def demonstrations(s: Setup, rows: list, retrieved: dict, m: int, how: str, seed: int) -> dict:
+    """row_key -> pool indices of the row's demonstrations (stage 2 over stage 1's `retrieved`, base model)."""
     if how == "llm" and m > 0:
         s.selector.rate(rows, retrieved)
     return {row_key(r): s.selector.select(r, retrieved, m, how, seed) for r in rows}
@@ -480,18 +469,8 @@ def add_train_args(p):
     p.add_argument("--val-rows", type=int, default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
     p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3, help="paper: 2e-4 over 5 epochs of the full data; few steps here")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default="q_proj,v_proj", help="paper: all seven projections (slower on CPU)")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = at the end only)")
-    p.add_argument("--save-every", type=int, default=5)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/RUN/checkpoint.pt")
+    T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN/checkpoint.pt",
+               lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
 
 
 def cmd_train(a):
@@ -500,21 +479,20 @@ def cmd_train(a):
     rng = random.Random(a.seed)
     train_rows = rng.sample(s.rows["train"], min(a.train_rows, len(s.rows["train"]))) if a.train_rows else s.rows["train"]
     val_rows = rng.sample(s.rows["valid"], min(a.val_rows, len(s.rows["valid"])))
-    demos = demonstrations(s, train_rows + val_rows, a.m, a.select, a.seed, log_fn)
+    retrieved = s.retriever.retrieve(train_rows + val_rows)
+    demos = demonstrations(s, train_rows + val_rows, retrieved, a.m, a.select, a.seed)
     if a.select == "llm" and a.m:
-        dis = s.selector.disagreement(train_rows, s.retriever.retrieve(train_rows), a.m)
+        dis = s.selector.disagreement(train_rows, retrieved, a.m)
         log_fn(f"[adaptrec] stage 2 vs stage 1 on the training rows: top-{a.m} sets differ on "
                f"{dis['top_m_set_differs']:.1%}, top-1 on {dis['top_1_differs']:.1%}")
     examples = [make_example(s.prompter, r, demos[row_key(r)]) for r in train_rows]
     steps = max(1, round(len(examples) * a.epochs / a.batch_size))
     log_fn(f"[adaptrec] training on {len(examples)} rows (mean {np.mean([len(e.ids) for e in examples]):.0f} tokens, "
            f"M={a.m}, {a.select}), {steps} steps; validating on {len(val_rows)} rows ({time.time() - t0:.0f}s so far)")
-    lora.inject(s.model, tuple(a.lora_targets.split(",")), r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout)
-    cfg = T.TrainConfig(out_dir=os.path.join(a.out, a.run), steps=steps, batch_size=a.batch_size, micro_batch=a.micro_batch,
-                        lr=a.lr, warmup_steps=max(1, steps // 10), eval_every=a.eval_every, save_every=a.save_every,
-                        seed=a.seed, bf16=a.bf16, grad_checkpoint=a.grad_checkpoint)
+    cfg = T.config_from_args(s.model, a, os.path.join(a.out, a.run), steps)
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
-    validate = (lambda m: E.ndcg_at_k(rank_rows(m, s.prompter, val_rows, demos), 20)) if val_rows else None
+    validate = (lambda m: E.ndcg_at_k(target_ranks(val_rows, answer_and_rank(m, s.tok, s.prompter, val_rows, demos,
+                                                                             max_new_tokens=0)[1]), 20)) if val_rows else None
     summary = T.train(s.model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
                       run_config={"method": "adaptrec", "args": vars(a), "train_rows": len(examples), "val_rows": len(val_rows)},
                       base_model=a.model or "SmolLM2-135M-Instruct")
@@ -565,8 +543,8 @@ def cmd_eval(a):
     rng = random.Random(a.seed + 1)
     rows = sorted(rng.sample(s.rows["test"], min(a.eval_rows, len(s.rows["test"]))) if a.eval_rows else s.rows["test"],
                   key=lambda r: r.user)
-    demos = {c: demonstrations(s, rows, *c, a.seed, log_fn) for c in configs}
     retrieved = s.retriever.retrieve(rows)
+    demos = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs}
     m_llm = next((m for m, h in configs if h == "llm"), 0)
     agree = s.selector.disagreement(rows, retrieved, m_llm) if m_llm else None
     adapter = adapter_dir(a)
@@ -631,8 +609,7 @@ def cmd_recommend(a):
     else:
         log_fn(f"[adaptrec] no adapter at {adapter}: answering with the base model (run: python adaptrec.py train)")
     demos = {row_key(row): chosen}
-    answer = answer_and_rank(s.model, s.tok, s.prompter, [row], demos)[0][0]
-    lp = M.continuation_logprobs(s.model, s.prompter.ids(row, chosen), [s.prompter.answer(c) for c in row.candidates])
+    (answer,), (lp,) = answer_and_rank(s.model, s.tok, s.prompter, [row], demos)
     print(f"recommendation (generated): {answer}")
     print("candidates by log p(title):")
     for n, k in enumerate(torch.argsort(lp, descending=True).tolist(), 1):
