@@ -163,18 +163,7 @@ def add_train_args(p):
     p.add_argument("--val-samples", type=int, default=96, help="held-out samples of the last training period")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: from samples and epochs)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=1, help="examples per forward (1 is fastest on CPU: no padding)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = at the end only)")
-    p.add_argument("--save-every", type=int, default=5)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/icl|nodemo/checkpoint.pt")
+    T.add_args(p, batch_size=8, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl|nodemo/checkpoint.pt")
 
 
 def setup(a, log):
@@ -212,10 +201,7 @@ def train_adapter(a, d, samples, model, prompter, ans, pool_periods, out_dir, lo
     steps = a.steps or math.ceil(len(train_set) * a.epochs / a.batch_size)
     log(f"[recicl] training on {len(train_set)} samples from D0..D{pool_periods - 1}, {steps} steps; "
         f"validating on {len(val)} held-out samples of D{pool_periods - 1}")
-    lora.inject(model, tuple(a.lora_targets.split(",")), r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout)
-    cfg = T.TrainConfig(out_dir=out_dir, steps=steps, batch_size=a.batch_size, micro_batch=a.micro_batch, lr=a.lr,
-                        warmup_steps=max(1, steps // 10), eval_every=a.eval_every, save_every=a.save_every,
-                        seed=a.seed, bf16=a.bf16, grad_checkpoint=a.grad_checkpoint)
+    cfg = T.config_from_args(model, a, out_dir, steps)
     val_labels = np.array([s.label for s in val])
     validate = lambda m: E.auc(val_labels, score(m, prompter, val, ans))  # noqa: E731
     return T.train(model, train_set, make_loss_fn(prompter, ans), cfg, validate=validate, resume=a.resume,

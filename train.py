@@ -47,6 +47,33 @@ class TrainConfig:
     seed: int = 0
 
 
+def add_args(p, batch_size: int, lr: float, lora_r: int, lora_dropout: float, resume_from: str, lr_help: str = ""):
+    """The command-line flags of this loop and of the LoRA it trains (recicl.py and adaptrec.py);
+    the defaults that differ between the methods are arguments."""
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--micro-batch", type=int, default=1, help="examples per forward (1 is fastest on CPU: no padding)")
+    p.add_argument("--lr", type=float, default=lr, help=lr_help or None)
+    p.add_argument("--lora-r", type=int, default=lora_r)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=lora_dropout)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projections (paper setups: often "
+                   "all seven, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; slower on CPU)")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = at the end only)")
+    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--resume", action="store_true", help=f"continue from {resume_from}")
+
+
+def config_from_args(model, a, out_dir: str, steps: int) -> TrainConfig:
+    """Inject LoRA into `model` as the add_args flags say; the TrainConfig they describe (warm-up:
+    a tenth of the steps)."""
+    lora.inject(model, tuple(a.lora_targets.split(",")), r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout)
+    return TrainConfig(out_dir=out_dir, steps=steps, batch_size=a.batch_size, micro_batch=a.micro_batch, lr=a.lr,
+                       warmup_steps=max(1, steps // 10), eval_every=a.eval_every, save_every=a.save_every,
+                       seed=a.seed, bf16=a.bf16, grad_checkpoint=a.grad_checkpoint)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr for optimizer step `step` (0-based)."""
     if step < cfg.warmup_steps:
