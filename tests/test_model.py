@@ -99,6 +99,29 @@ def test_left_padded_batch_equals_each_alone(tiny):
             logits = m.head(m(nxt[:, None], cache=cache)[:, -1])
 
 
+def test_prefill_batch_equals_one_padded_forward(tiny):
+    """prefill_batch prefills each prompt alone and copies it into its row; the cache and logits
+    must be what one left-padded forward of the batch writes (the path checked above)."""
+    path, _ = tiny
+    m, _ = M.load(path)
+    torch.manual_seed(8)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (4, 13, 9, 1)]
+    cache, logits = M.prefill_batch(m, prompts, extra=5)
+    idx, valid = M.pad(prompts, left=True)
+    ref = M.KVCache(m.args, len(prompts), idx.shape[1] + 5)
+    with torch.no_grad():
+        ref_logits = m.head(m(idx, valid, cache=ref)[:, -1])
+    assert cache.length == ref.length and cache.max_len == ref.max_len
+    assert torch.equal(cache.valid, ref.valid) and torch.equal(cache.next_pos, ref.next_pos)
+    slots = ref.valid[:, None, :, None].expand_as(ref.k[0])                     # pad slots hold junk in ref
+    for i in range(m.args.n_layers):
+        assert torch.allclose(cache.k[i][slots], ref.k[i][slots], atol=1e-5, rtol=0)
+        assert torch.allclose(cache.v[i][slots], ref.v[i][slots], atol=1e-5, rtol=0)
+    assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        M.prefill_batch(m, [[1, 2], []], extra=1)
+
+
 def test_generate_batch_equals_single_and_transformers(tiny_untied):
     path, hf = tiny_untied
     m, _ = M.load(path)
