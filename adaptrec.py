@@ -35,10 +35,14 @@ ValidRatio (the line names exactly one candidate) and HR@1 = hits over ALL rows;
 of the 20 candidates by the model's log-probability of ' "<title>"' + EOS after the prompt
 (one shared prefix, model.continuation_logprobs): HR@1, HR@5, NDCG@5, ties against the target.
 
-CPU defaults (2 cores, SmolLM2-135M; train + eval in about 30 minutes): 64 training rows for
-2 epochs (32 steps of 4, lr 1e-3), LoRA r 16 on q/v, demonstrations that show 3 history items, the judge shown each
-retrieved user's last 5 items, 100 test rows, configurations M = 0 and M = 5 with llm / embed /
-random selection. Flags take every part to the paper's size (--train-rows 0, --demo-history 10,
+CPU defaults (2 cores, SmolLM2-135M; train + eval within 30 minutes together, measured in the
+README): 64 training rows for 1 epoch (16 steps of 4, lr 1e-3; in the earlier 2-epoch run the
+loss had flattened by step 15), LoRA r 16 on q/v, demonstrations that show 3 history items, the
+judge shown each retrieved user's last 5 items, 80 test rows, configurations M = 0 and M = 5
+with llm / embed / random selection. Where the time goes, per row on that machine: a ~700-token
+prompt prefill 1.3 s, ranking 20 candidates 1.1 s, generation 0.3 s, a stage-2 judgement 1.7 s;
+plus 2.8 min for the pool's vectors (first run only) and 2.2 min for SASRec.
+Flags take every part to the paper's size (--train-rows 0, --demo-history 10,
 --lora-targets with all seven projections, --eval-rows 0, --configs with M = 1, 3, 7).
 """
 import argparse
@@ -62,8 +66,9 @@ import train as T
 
 SYSTEM = ("Recommend the movie the user will watch next. Answer with exactly one title from the "
           "candidates and nothing else.\n\n")
-JUDGE_SYSTEM = "Compare the movie tastes of two users from the movies they watched.\n\n"
-JUDGE_QUESTION = "How similar are the tastes of user A and user B, from 1 (not at all) to 9 (the same)? Answer:"
+JUDGE_SYSTEM = ("Compare the movie tastes of two users from the movies they watched. Rate how similar the tastes "
+                "of user A and user B are, from 1 (not at all) to 9 (the same).\n\n")
+JUDGE_QUESTION = "How similar, from 1 to 9? Answer:"   # short: it is repeated in each of the N continuations
 SELECTIONS = ("llm", "embed", "random")
 
 
@@ -453,6 +458,16 @@ def setup(a, log) -> Setup:
     return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.max_len))
 
 
+def demo_overlap(pool: Pool, rows: list, demos: dict) -> dict:
+    """What the demonstrators have in common with the target user, from item ids alone (no
+    LLM): the mean number of the row's history items found in its demonstrators' pool
+    sequences, and the share of rows where a demonstrator's sequence holds the row's target."""
+    seen = [set(i for p in demos[row_key(r)] for i in pool.items[p]) for r in rows]
+    n = max(len(rows), 1)
+    return {"demo_history_overlap": round(sum(len(set(r.history) & s) for r, s in zip(rows, seen)) / n, 4),
+            "demo_has_target": round(sum(r.target in s for r, s in zip(rows, seen)) / n, 4)}
+
+
 def demonstrations(s: Setup, rows: list, retrieved: dict, m: int, how: str, seed: int) -> dict:
     """row_key -> pool indices of the row's demonstrations (stage 2 over stage 1's `retrieved`, base model)."""
     if how == "llm" and m > 0:
@@ -468,7 +483,7 @@ def add_train_args(p):
     p.add_argument("--train-rows", type=int, default=64, help="training rows drawn from all users' train parts (0 = all)")
     p.add_argument("--val-rows", type=int, default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=1.0)
     T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN/checkpoint.pt",
                lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
 
@@ -559,7 +574,7 @@ def cmd_eval(a):
     for m, how in configs:
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res = evaluate(s.model, s.tok, s.prompter, rows, demos[(m, how)], a, log_fn)
-        results.append({"method": name, "m": m, "select": how, **res})
+        results.append({"method": name, "m": m, "select": how, **res, **demo_overlap(s.pool, rows, demos[(m, how)])})
         log_fn(f"[adaptrec]   HR@1 {res['hr1']:.4f} (valid {res['valid_ratio']:.3f}), ranked HR@1 {res['hr1_rank']:.4f}, "
                f"NDCG@5 {res['ndcg5']:.4f}")
     results += baseline_rows(s, rows, a, log_fn)
@@ -567,11 +582,15 @@ def cmd_eval(a):
 
 
 def report(results: list, agree: dict | None, a, elapsed: float):
-    print(f"{'method':<22}{'M':>3} {'select':<7}{'HR@1':>7} {'95% CI':<16}{'Valid':>6}{'rHR@1':>7}{'HR@5':>7}{'NDCG@5':>8}{'n':>5}")
+    print(f"{'method':<22}{'M':>3} {'select':<7}{'HR@1':>7} {'95% CI':<16}{'Valid':>6}{'rHR@1':>7}{'HR@5':>7}{'NDCG@5':>8}"
+          f"{'n':>5}{'shared':>8}{'has-tgt':>8}")
     for r in results:
+        demo = f"{r['demo_history_overlap']:>8.2f}{r['demo_has_target']:>8.2f}" if r.get("m") else ""
         print(f"{r['method']:<22}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
-              f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}{r['n']:>5}")
-    print("HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS).")
+              f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}{r['n']:>5}{demo}")
+    print("HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS).\n"
+          "shared: the row's history items found in its demonstrators' sequences (mean); has-tgt: rows where a "
+          "demonstrator's sequence holds the target.")
     if agree:
         print(f"stage 2 vs stage 1 (M={agree['m']}): top-M sets differ on {agree['top_m_set_differs']:.1%} of rows, "
               f"top-1 on {agree['top_1_differs']:.1%}; mean overlap {agree['mean_overlap']:.2f} of {agree['m']}")
@@ -631,7 +650,7 @@ def main(argv=None):
     e.add_argument("--configs", default="0,5:llm,5:embed,5:random",
                    help="comma-separated M:SELECT (0 = no demonstrations); the full ablation: "
                    "0,1:llm,3:llm,5:llm,7:llm,5:embed,5:random")
-    e.add_argument("--eval-rows", type=int, default=100, help="test rows (one per user, drawn at random; 0 = all)")
+    e.add_argument("--eval-rows", type=int, default=80, help="test rows (one per user, drawn at random; 0 = all)")
     e.add_argument("--gen-batch", type=int, default=8, help="prompts per generation batch")
     e.add_argument("--sasrec-epochs", type=int, default=10, help="SASRec epochs at most, early-stopped on the valid "
                    "rows (0 = Pop only; baselines.py uses 30)")

@@ -147,6 +147,16 @@ def test_selection_rules():
     assert dis["top_1_differs"] == 1.0 and dis["mean_overlap"] == 2.0 and dis["top_m_set_differs"] == 0.0
 
 
+def test_demo_overlap_counts_shared_items_and_target():
+    pool = A.Pool(np.array([5, 6, 7]), [[1, 2, 9], [2, 3, 4], [7, 8, 1]], np.array([1, 2, 3]))
+    r1 = D.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
+    r2 = D.SeqRow(user=1, history=[4, 5], target=6, ts=10, split="test", candidates=[])
+    demos = {A.row_key(r1): [0, 1], A.row_key(r2): [2]}
+    # r1: items seen {1, 2, 9, 3, 4} hold 3 of its history and its target; r2: {7, 8, 1} hold none
+    assert A.demo_overlap(pool, [r1, r2], demos) == {"demo_history_overlap": 1.5, "demo_has_target": 0.5}
+    assert A.demo_overlap(pool, [r1], {A.row_key(r1): []}) == {"demo_history_overlap": 0.0, "demo_has_target": 0.0}
+
+
 def test_parse_configs():
     assert A.parse_configs("0,1:llm,5:embed,5:random") == [(0, "none"), (1, "llm"), (5, "embed"), (5, "random")]
     for bad in ("5", "3:best", "x:llm", "0:llm"):
@@ -171,6 +181,7 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
                        ("AdaptRec", 2, "random"), ("Pop", None, None), ("SASRec", None, None)]
     for r in res["rows"]:
         assert r["n"] == 5 and 0 <= r["hr1"] <= r["valid_ratio"] <= 1 and 0 <= r["ndcg5"] <= 1
+    assert all("demo_has_target" in r for r in res["rows"][:4])
     assert res["selection"]["rows"] == 5
     A.main(args)                                    # same rows, candidates and demonstrations: same numbers
     again = json.load(open(os.path.join(out, "results.json")))
