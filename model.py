@@ -139,7 +139,7 @@ def rope_buffers(args: "ModelArgs", device=None) -> tuple[torch.Tensor, torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x: (B, h, T, hd); cos, sin_signed: (B, 1, T, hd) fp32. Rotates pairs (j, j + hd/2):
+    """x: (B, T, h, hd); cos, sin_signed: (B, T, 1, hd) fp32. Rotates pairs (j, j + hd/2):
     x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = roll(x, hd/2) * sign."""
     xf = x.float()
     return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin_signed).to(x.dtype)
@@ -228,14 +228,16 @@ class Attention(nn.Module):
         start..start+T and attend over slots 0..start+T. kv_prefix: (k, v) of a shared
         prefix, (1 or B, n_kv, P, hd), attended before this chunk and never written."""
         B, T, _ = x.shape
+        nh, nkv = self.n_heads, self.n_kv
         if is_fused(self.qkv_t, (self.q_proj, self.k_proj, self.v_proj)):  # one GEMM, same numbers
-            q, k, v = F.linear(x, self.qkv_t.t()).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+            qkv = F.linear(x, self.qkv_t.t()).view(B, T, nh + 2 * nkv, self.hd)
+            qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)                   # q and k heads rotated in one go
+            q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)               # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.q_proj(x).view(B, T, nh, self.hd), cos, sin)
+            k = apply_rope(self.k_proj(x).view(B, T, nkv, self.hd), cos, sin)
+            v = self.v_proj(x).view(B, T, nkv, self.hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if kv_write is not None:
             k_cache, v_cache, start = kv_write
             k_cache[:, :, start:start + T] = k
@@ -342,7 +344,7 @@ class Llama(nn.Module):
         pos = (base_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)            # (B, T)
         if int(pos.max()) >= self.args.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[pos][:, None], self.rope_sin_signed[pos][:, None]     # (B, 1, T, hd)
+        cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin_signed[pos][:, :, None]  # (B, T, 1, hd)
         mask = attention_mask(valid, past_valid)
 
         x = self.model.embed_tokens(idx)
