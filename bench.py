@@ -26,7 +26,9 @@ directory, same token ids; outputs are compared before timing.
   lora_step_512      one LoRA training step (r 8 on q_proj, v_proj; one 512-token sequence, last 8
                      tokens supervised; forward, backward, AdamW) against transformers + peft;
                      lora_step_512_peak_rss: peak resident memory during a step, above the
-                     worker's size before loading the model (weights + activations + state)
+                     worker's size before loading the model (weights + activations + state);
+                     lora_step_512_kernels: one profiled step per side, seconds in GEMM and
+                     attention kernels, and the ratio ceiling those kernels leave (see kernel_seconds)
 """
 import argparse
 import json
@@ -101,9 +103,29 @@ def lora_worker(side: str, model_dir: str):
         return round(loss.item(), 3)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
+        if line.strip() == "kernels":
+            print(json.dumps({"t": 0.0, "out": kernel_seconds(step)}), flush=True)
+            continue
         t0 = time.perf_counter()
         out, peak = rss_step_peak(step, baseline)
         print(json.dumps({"t": time.perf_counter() - t0, "out": out, "peak": peak}), flush=True)
+
+
+def kernel_seconds(step) -> dict:
+    """Seconds of one profiled step spent inside the matrix-product kernels (aten::mm, addmm, bmm)
+    and the attention kernels (scaled_dot_product_*, forward and backward), self time. Both stacks
+    call these same kernels for the same products; what is left is everything else."""
+    from torch.profiler import profile
+    with profile() as prof:
+        step()
+    gemm = attn = total = 0.0
+    for e in prof.key_averages():
+        total += e.self_cpu_time_total
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            gemm += e.self_cpu_time_total
+        elif "scaled_dot_product" in e.key:
+            attn += e.self_cpu_time_total
+    return {"gemm": round(gemm / 1e6, 4), "attention": round(attn / 1e6, 4), "profiled_total": round(total / 1e6, 4)}
 
 
 def worker(side: str, model_dir: str, dtype: str):
@@ -198,6 +220,7 @@ def compare(name, a: Worker, b: Worker, job_a: str, job_b: str, runs: int, **ext
         po, pp = statistics.median(r["peak"] for r in ra), statistics.median(r["peak"] for r in rb)
         print(json.dumps({"bench": name + "_peak_rss", "ours": po, "peer": pp, "unit": "bytes",
                           "ratio": round(pp / po, 3), "runs": runs}), flush=True)
+    return peer
 
 
 # ----------------------------------------------------------------------------- memory
@@ -275,8 +298,15 @@ def main(argv=None):
         bf16.close(), fp32.close()
     if "lora" in which:
         ours, peer = Worker("ours-lora", model_dir), Worker("peer-lora", model_dir)
-        compare("lora_step_512", ours, peer, "step", "step", a.runs,
-                note="same_output compares the first step's loss (3 decimals)")
+        peer_t = compare("lora_step_512", ours, peer, "step", "step", a.runs,
+                         note="same_output compares the first step's loss (3 decimals)")
+        ko, kp = ours("kernels")["out"], peer("kernels")["out"]
+        floor = ko["gemm"] + ko["attention"]
+        print(json.dumps({"bench": "lora_step_512_kernels", "ours": ko, "peer": kp, "unit": "s",
+                          "ratio_ceiling": round(peer_t / floor, 3),
+                          "note": "one profiled step each; ratio_ceiling = the peer's median step / the seconds our "
+                                  "step spends in GEMM and attention kernels: the ratio no stack reaches without "
+                                  "doing fewer or faster products than ours"}), flush=True)
         ours.close(), peer.close()
 
 
