@@ -41,7 +41,7 @@ loss had flattened by step 15), LoRA r 16 on q/v, demonstrations that show 3 his
 judge shown each retrieved user's last 5 items, 80 test rows, configurations M = 0 and M = 5
 with llm / embed / random selection. Where the time goes, per row on that machine: a ~700-token
 prompt prefill 1.3 s, ranking 20 candidates 1.1 s, generation 0.3 s, a stage-2 judgement 1.7 s;
-plus 2.8 min for the pool's vectors (first run only) and 2.2 min for SASRec.
+plus 3.3 min for the pool's vectors (first run only) and 2.5 min for SASRec.
 Flags take every part to the paper's size (--train-rows 0, --demo-history 10,
 --lora-targets with all seven projections, --eval-rows 0, --configs with M = 1, 3, 7).
 """
