@@ -156,9 +156,8 @@ class VectorCache:
                 log(f"[adaptrec] stage 1: embedding {len(missing)} sequences ({len(texts) - len(missing)} cached)")
             self.vecs.update(zip(missing, embed_texts(model, tok, missing, log=log)))
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            torch.save({"model": self.key, "texts": list(self.vecs), "vecs": torch.stack(list(self.vecs.values()))},
-                       self.path + ".tmp")
-            os.replace(self.path + ".tmp", self.path)
+            T.atomic_torch_save({"model": self.key, "texts": list(self.vecs), "vecs": torch.stack(list(self.vecs.values()))},
+                                self.path)
         return torch.stack([self.vecs[t] for t in texts]) if texts else torch.zeros(0, model.args.dim)
 
 
@@ -248,9 +247,7 @@ class Selector:
 
     def save(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path + ".tmp", "w") as f:
-            json.dump({"model": self.key, "rows": self.scores}, f)
-        os.replace(self.path + ".tmp", self.path)
+        T.write_json({"model": self.key, "rows": self.scores}, self.path)
 
     def rate(self, rows: list, retrieved: dict):
         """Fill the LLM ratings of every row's retrieved users (pool indices), skipping cached ones."""

@@ -651,9 +651,6 @@ def prefill_batch(model: Llama, prompts: list[list[int]], extra: int) -> tuple[K
     ~25% faster on CPU for prompts of hundreds of tokens (measured, 8 prompts of ~700)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if len(prompts) == 1:
-        cache, first = prefill(model, prompts[0], extra)
-        return cache, first[None]
     T = max(len(p) for p in prompts)
     cache = KVCache(model.args, len(prompts), T + extra, model_dtype(model), model_device(model))
     logits = []
