@@ -145,7 +145,10 @@ class VectorCache:
     def __init__(self, path: str, key: str):
         self.path, self.key, self.vecs = path, key, {}
         if os.path.exists(path):
-            saved = torch.load(path, weights_only=True)
+            try:
+                saved = torch.load(path, weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{path}: unreadable vector cache ({e}); delete it to recompute") from None
             if saved.get("model") == key:
                 self.vecs = dict(zip(saved["texts"], saved["vecs"]))
 
@@ -240,8 +243,11 @@ class Selector:
         self.key, self.judge_history, self.digits = key, judge_history, rating_ids(tok)
         self.scores = {}
         if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{path}: unreadable judge cache ({e}); delete it to judge again") from None
             if saved.get("model") == self.key:
                 self.scores = saved["rows"]
 

@@ -157,6 +157,17 @@ def test_demo_overlap_counts_shared_items_and_target():
     assert A.demo_overlap(pool, [r1], {A.row_key(r1): []}) == {"demo_history_overlap": 0.0, "demo_has_target": 0.0}
 
 
+def test_corrupt_caches_are_named(dirs, tmp_path):
+    _, tok = M.load(dirs[0])
+    vec, judged = tmp_path / "vectors.pt", tmp_path / "judge.json"
+    vec.write_bytes(b"not a torch file")
+    judged.write_text("{ truncated")
+    with pytest.raises(ValueError, match="vectors.pt: unreadable vector cache"):
+        A.VectorCache(str(vec), "key")
+    with pytest.raises(ValueError, match="judge.json: unreadable judge cache"):
+        A.Selector(None, None, None, tok, str(judged), "key")
+
+
 def test_parse_configs():
     assert A.parse_configs("0,1:llm,5:embed,5:random") == [(0, "none"), (1, "llm"), (5, "embed"), (5, "random")]
     for bad in ("5", "3:best", "x:llm", "0:llm"):
