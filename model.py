@@ -145,6 +145,75 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin_signed).to(x.dtype)
 
 
+ATTN_BLOCK = 64  # query rows per block in attention's CPU backward (fastest of 32..512, bench.py shapes)
+
+
+class CausalAttention(torch.autograd.Function):
+    """y = softmax(q k^T / sqrt(hd) + mask) v with a hand-written backward for training on CPU.
+
+    q: (B, nh, T, hd); k, v: (B, nkv, T, hd); mask: (B, 1, T, T) bool or None for plain causal.
+    The mask must be causal (or stricter) with every diagonal allowed, as `attention_mask` makes.
+    The forward is torch's SDPA (the same kernel and numbers as inference). Torch's CPU flash
+    backward runs at about a third of GEMM speed; this one recomputes the scores in blocks of
+    ATTN_BLOCK query rows, skips the key blocks a block cannot see (about half the products),
+    and spends its time in batched GEMMs. With S = q k^T * scale, P = softmax(S), y = P v:
+        dv = P^T dy,  dP = dy v^T,  dS = P * (dP - rowsum(dy * y)),  dq = dS k * scale,  dk = dS^T q * scale.
+    Rows are laid out as (kv head, t, group) so that a GQA query block is one contiguous slab
+    that reads its kv head once. Computed in fp32 whatever the input dtype (precision policy)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        ctx.save_for_backward(q, k, v, y, mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, y, mask = ctx.saved_tensors
+        B, nh, T, hd = q.shape
+        nkv = k.shape[1]
+        G, scale = nh // nkv, 1.0 / math.sqrt(hd)
+
+        def rows(x):  # (B, nh, T, hd) -> (B*nkv, T*G, hd): row t*G + g is query head kv*G + g at t
+            return x.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2).reshape(B * nkv, T * G, hd)
+
+        Q, dY = rows(q).mul_(scale), rows(dy)
+        delta = (dY * rows(y)).sum(-1, keepdim=True)                                  # (B*nkv, T*G, 1)
+        K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
+        dQ, dK, dV = torch.empty_like(Q), torch.zeros_like(K), torch.zeros_like(V)
+        blk = torch.arange(ATTN_BLOCK, device=q.device)
+        future = blk[None, :] > blk.repeat_interleave(G)[:, None]      # (ATTN_BLOCK*G, ATTN_BLOCK): key after query
+        for s in range(0, T, ATTN_BLOCK):
+            e = min(s + ATTN_BLOCK, T)                  # queries s..e-1 see keys 0..e-1 at most
+            r = slice(s * G, e * G)
+            S = torch.bmm(Q[:, r], K[:, :e].transpose(1, 2)).view(B, nkv, (e - s) * G, e)
+            if mask is None:   # only the diagonal block has keys after some of its queries
+                S[..., s:].masked_fill_(future[:(e - s) * G, :e - s], float("-inf"))
+            else:
+                S.masked_fill_(~mask[:, :, s:e, :e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e)
+            P = torch.softmax(S, dim=-1).view(B * nkv, -1, e)
+            dV[:, :e].baddbmm_(P.transpose(1, 2), dY[:, r])
+            dS = torch.bmm(dY[:, r], V[:, :e].transpose(1, 2)).sub_(delta[:, r]).mul_(P)  # (B*nkv, (e-s)*G, e)
+            dQ[:, r] = torch.bmm(dS, K[:, :e])
+            dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])
+        dq = dQ.mul_(scale).view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2)
+        return dq.to(q.dtype), dK.view(B, nkv, T, hd).to(k.dtype), dV.view(B, nkv, T, hd).to(v.dtype), None
+
+
+def attention(q, k, v, mask, same_slots: bool) -> torch.Tensor:
+    """SDPA over (B, heads, T, hd) with `mask` from attention_mask (None = plain causal, or one
+    query that sees everything). same_slots: keys are the queries' own T slots (no cache, no
+    prefix); then a CPU backward, if one follows, is CausalAttention's (same forward numbers)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if same_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
+        return CausalAttention.apply(q, k, v, mask)
+    # GQA: query head h reads KV head h // (n_heads / n_kv), the same as repeating each KV
+    # head in place (repeat_interleave) but without copying the cache every step.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 def cpu_fast_layout(w: torch.Tensor) -> torch.Tensor:
     """The same (out, in) matrix stored column-major, i.e. as a contiguous W^T viewed back.
     F.linear(x, w) computes x @ W^T, and with W^T contiguous CPU GEMV reads it ~1.4x faster in
@@ -222,11 +291,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
         self.qkv_t = None  # (D, (nh + 2 nkv) hd) storage behind q/k/v weights, set by `allocate`
 
-    def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None):
+    def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None, at=None):
         """x: (B, T, D). mask: (B, 1, T, S) bool or None for plain causal.
         kv_write: (k_cache, v_cache, start) to store this chunk's keys/values at slots
         start..start+T and attend over slots 0..start+T. kv_prefix: (k, v) of a shared
-        prefix, (1 or B, n_kv, P, hd), attended before this chunk and never written."""
+        prefix, (1 or B, n_kv, P, hd), attended before this chunk and never written.
+        at: (B, n) slots; only their queries are kept (keys and values from all T slots), and
+        the output is (B, n, D); mask is then (B, 1, n, T) from `rows_mask`."""
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv
         if is_fused(self.qkv_t, (self.q_proj, self.k_proj, self.v_proj)):  # one GEMM, same numbers
@@ -237,7 +308,9 @@ class Attention(nn.Module):
             q = apply_rope(self.q_proj(x).view(B, T, nh, self.hd), cos, sin)
             k = apply_rope(self.k_proj(x).view(B, T, nkv, self.hd), cos, sin)
             v = self.v_proj(x).view(B, T, nkv, self.hd)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if at is not None:
+            q = q.take_along_dim(at[:, :, None, None], dim=1)                  # (B, n, nh, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or n, hd)
         if kv_write is not None:
             k_cache, v_cache, start = kv_write
             k_cache[:, :, start:start + T] = k
@@ -247,11 +320,9 @@ class Attention(nn.Module):
             pk, pv = kv_prefix
             k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-        # GQA: query head h reads KV head h // (n_heads / n_kv), the same as repeating each KV
-        # head in place (repeat_interleave) but without copying the cache every step.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_heads)   # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        same_slots = kv_write is None and kv_prefix is None and at is None
+        y = attention(q, k, v, mask, same_slots)                                # (B, nh, T or n, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.hd))
 
 
 class MLP(nn.Module):
@@ -278,8 +349,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_write, kv_prefix)
+    def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None, at=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_write, kv_prefix, at)
+        if at is not None:
+            x = x.take_along_dim(at[:, :, None], dim=1)    # (B, n, D): only these slots go on
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -315,14 +389,20 @@ class Llama(nn.Module):
         return F.linear(h, w).float()
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None, prefix: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, prefix: KVCache | None = None,
+                at: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids. valid: (B, T) bool, False on padding (default all True).
         cache: read-write cache; this chunk is stored at slots cache.length.. and attends to
         everything stored before it. prefix: a read-only cache (batch 1 or B) that every row
-        attends to first; nothing is written to it. Returns final-normed hidden states (B, T, D)."""
+        attends to first; nothing is written to it. Returns final-normed hidden states (B, T, D).
+        at: (B, n) slots of idx; only their hidden states are returned, (B, n, D), and the last
+        layer computes only those rows (its keys and values still come from every slot). A loss
+        on a few positions or the scores after a prompt need no more; it saves ~1/n_layers."""
         B, T = idx.shape
         if cache is not None and prefix is not None:
             raise ValueError("pass either cache or prefix, not both")
+        if at is not None and (cache is not None or prefix is not None):
+            raise ValueError("`at` works without cache or prefix only")
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         start, past_valid, base_pos = 0, None, torch.zeros(B, dtype=torch.long, device=idx.device)
@@ -348,13 +428,17 @@ class Llama(nn.Module):
         mask = attention_mask(valid, past_valid)
 
         x = self.model.embed_tokens(idx)
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             kv_write = (cache.k[i], cache.v[i], start) if cache is not None else None
             kv_prefix = (prefix.k[i][:, :, :prefix.length], prefix.v[i][:, :, :prefix.length]) if prefix is not None else None
+            args = (x, cos, sin, mask, kv_write, kv_prefix)
+            if i == last and at is not None:
+                args = (x, cos, sin, rows_mask(valid, at), None, None, at)
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_write, kv_prefix, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_write, kv_prefix)
+                x = layer(*args)
         if cache is not None:
             cache.length += T
             cache.next_pos = cache.next_pos + valid.long().sum(1)
@@ -362,10 +446,14 @@ class Llama(nn.Module):
 
     def loss(self, idx, targets, supervised, valid=None) -> torch.Tensor:
         """Causal LM loss: mean cross-entropy over positions where `supervised` (B, T) is True,
-        predicting targets[b, t] from idx[b, :t+1]. The output head runs only at those positions."""
-        h = self(idx, valid)
-        logits = self.head(h[supervised])                                                # (N, V) fp32
-        return F.cross_entropy(logits, targets[supervised])
+        predicting targets[b, t] from idx[b, :t+1]. The last layer and the output head run only
+        at those positions."""
+        n = int(supervised.sum(1).max())
+        at = supervised.int().sort(dim=1, descending=True, stable=True).indices[:, :n]   # (B, n) supervised first
+        real = torch.arange(n, device=idx.device)[None, :] < supervised.sum(1)[:, None]  # (B, n) False = filler
+        h = self(idx, valid, at=at)
+        logits = self.head(h[real])                                                      # (N, V) fp32
+        return F.cross_entropy(logits, targets.take_along_dim(at, dim=1)[real])
 
 
 def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -386,6 +474,14 @@ def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torc
     k_slot = torch.arange(P + T, device=valid.device)[None, :]                             # (1, S)
     causal = k_slot <= q_slot                                                              # (T, S)
     mask = (causal[None] & keys_valid[:, None, :]) | (k_slot == q_slot)[None]              # (B, T, S)
+    return mask[:, None]
+
+
+def rows_mask(valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, n, T) mask for queries at slots `at` (B, n) over keys at slots 0..T-1:
+    slot s is seen iff s <= the query's slot and s is valid, and every query sees itself."""
+    s = torch.arange(valid.shape[1], device=valid.device)[None, None, :]        # (1, 1, T)
+    mask = ((s <= at[:, :, None]) & valid[:, None, :]) | (s == at[:, :, None])  # (B, n, T)
     return mask[:, None]
 
 

@@ -110,9 +110,9 @@ def answer_ids(tok: M.Tokenizer) -> list:
 def yes_no_logits(model, rows_ids: list, ans: list) -> torch.Tensor:
     """(N, 2) fp32 logits of [Yes, No] after each prompt; differentiable (no no_grad here)."""
     idx, valid = M.pad(rows_ids, left=False, device=M.model_device(model))
-    h = model(idx, valid)
-    last = valid.long().sum(1) - 1
-    return model.head(h[torch.arange(len(rows_ids)), last], torch.tensor(ans, device=idx.device))
+    last = valid.long().sum(1, keepdim=True) - 1                    # (N, 1) slot of each prompt's last token
+    h = model(idx, valid, at=last)                                   # (N, 1, D)
+    return model.head(h[:, 0], torch.tensor(ans, device=idx.device))
 
 
 def score(model, prompter: Prompter, samples: list, ans: list, batch_size: int = 8, log=None) -> np.ndarray:

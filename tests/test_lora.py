@@ -188,3 +188,38 @@ def test_our_adapter_loads_into_peft(tiny_untied, tmp_path):
         ref = pm(IDX).logits
     assert (ours - ref).abs().max().item() < 1e-4
     assert (ours - base_out).abs().max().item() > 1e-3
+
+
+def test_training_gradients_match_peft_on_a_padded_batch(tiny_untied, tmp_path):
+    """The whole training path (CausalAttention's backward, the last layer on supervised rows
+    only, right padding) gives peft + transformers' loss and LoRA gradients."""
+    peft = pytest.importorskip("peft")
+    path, hf = tiny_untied
+    m, _ = M.load(path)
+    lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+    randomize_B(m, seed=3, std=0.2)
+    lora.save_adapter(m, str(tmp_path / "ad"), base_model=path)
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ad"), is_trainable=True).eval()
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (150, 121, 77)]   # > 2 attention blocks
+    idx, valid = M.pad(rows, left=False)
+    supervised = torch.zeros_like(valid)
+    for b, n in enumerate((150, 121, 77)):
+        supervised[b, n - 6:n - 1] = True                  # position t predicts token t + 1
+    supervised[0, 40:44] = True
+    targets = torch.roll(idx, -1, dims=1)
+    labels = torch.full_like(idx, -100)                    # HF shifts: label t+1 is predicted at t
+    labels[:, 1:][supervised[:, :-1]] = idx[:, 1:][supervised[:, :-1]]
+    ours = m.loss(idx, targets, supervised, valid)
+    ours.backward()
+    ref = pm(input_ids=idx, attention_mask=valid.long(), labels=labels).loss
+    ref.backward()
+    assert abs(ours.item() - ref.item()) < 1e-5
+    peft_grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(peft_grads) == 2 * len(lora.lora_modules(m)) == 8
+    for name, mod in lora.lora_modules(m).items():
+        for ab in ("lora_A", "lora_B"):
+            mine = getattr(mod, ab).weight.grad
+            theirs = peft_grads[f"base_model.model.{name}.{ab}.default.weight"]
+            assert theirs.abs().max() > 1e-4, (name, ab)    # a real gradient, not zeros
+            assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max(), (name, ab)

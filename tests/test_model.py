@@ -47,6 +47,61 @@ def test_loss_matches_transformers_on_supervised_positions(tiny_untied):
     assert abs(ours.item() - ref.item()) < 1e-5
 
 
+@pytest.mark.parametrize("B, nh, nkv, T, hd, pads, dtype, tol", [
+    (1, 9, 3, 512, 64, None, torch.float32, 2e-5),          # the default model's shapes, plain causal
+    (3, 4, 2, 150, 16, "left", torch.float32, 2e-5),        # GQA, a ragged last block, left padding
+    (2, 4, 4, 70, 8, "right", torch.float32, 2e-5),         # no GQA, right padding
+    (2, 6, 2, 130, 32, "left", torch.bfloat16, 3e-2),
+])
+def test_causal_attention_backward_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol):
+    """CausalAttention's hand-written backward against autograd through torch's own SDPA (math
+    kernel, float64), for the masks attention_mask makes."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B, T, nh, hd, generator=g).transpose(1, 2)   # strided, as Attention makes it
+    k, v = torch.randn(B, nkv, T, hd, generator=g), torch.randn(B, nkv, T, hd, generator=g) * 2
+    dy = torch.randn(B, nh, T, hd, generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        if pads == "left":
+            valid[b, :5 * b] = False
+        elif pads == "right":
+            valid[b, T - 7 * b:] = False
+    mask = M.attention_mask(valid, None)
+    assert (mask is None) == (pads is None)
+    ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(M.CausalAttention.apply(*ours, mask), ours, dy.to(dtype))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        y = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=mask is None,
+                                                             enable_gqa=nkv != nh)
+    expected = torch.autograd.grad(y, ref, dy.double())
+    for name, a, e in zip("qkv", grads, expected):
+        assert a.dtype == dtype and a.shape == e.shape
+        err = ((a.double() - e).abs().max() / e.abs().max()).item()
+        assert err < tol, (name, err)
+    assert expected[1].abs().max() > 0.1      # the keys do get a gradient (not a comparison of zeros)
+
+
+def test_rows_at_equal_the_full_forward(tiny):
+    """forward(at=...) runs the last layer on a few rows only; those rows must equal the full
+    forward's, left padding included."""
+    path, _ = tiny
+    m, _ = M.load(path)
+    torch.manual_seed(9)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (23, 9, 16)]
+    idx, valid = M.pad(prompts, left=True)
+    at = torch.tensor([[22, 5, 0], [22, 3, 14], [7, 8, 22]])        # repeats and a pad slot (3 of row 1) too
+    with torch.no_grad():
+        full = m(idx, valid)
+        rows = m(idx, valid, at=at)
+    assert rows.shape == (3, 3, m.args.dim)
+    assert not bool(valid.take_along_dim(at, dim=1).all())
+    # a pad query sees only itself in both paths, so even that row is the same
+    assert torch.allclose(rows, full.take_along_dim(at[:, :, None], dim=1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="without cache"):
+        m(idx, valid, cache=M.KVCache(m.args, 3, 30), at=at)
+
+
 def test_cached_decoding_equals_recomputation_every_step(tiny):
     path, _ = tiny
     m, _ = M.load(path)
