@@ -112,16 +112,16 @@ def lora_worker(side: str, model_dir: str):
 
 
 def kernel_seconds(step) -> dict:
-    """Seconds of one profiled step spent inside the matrix-product kernels (aten::mm, addmm, bmm)
-    and the attention kernels (scaled_dot_product_*, forward and backward), self time. Both stacks
-    call these same kernels for the same products; what is left is everything else."""
+    """Seconds of one profiled step spent inside the matrix-product kernels (aten::mm, addmm, bmm
+    and their in-place forms; our attention backward is made of these) and torch's attention
+    kernels (scaled_dot_product_*), self time. What is left is everything else."""
     from torch.profiler import profile
     with profile() as prof:
         step()
     gemm = attn = total = 0.0
     for e in prof.key_averages():
         total += e.self_cpu_time_total
-        if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+        if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"):
             gemm += e.self_cpu_time_total
         elif "scaled_dot_product" in e.key:
             attn += e.self_cpu_time_total

@@ -46,7 +46,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base_layer(x)
         if self.enabled and not self.merged:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+            u = self.lora_A(self.dropout(x))                                   # (..., r)
+            # y + u @ B^T * scaling as one addmm: no separate scale and add passes over y
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, self.r), self.lora_B.weight.t(),
+                            alpha=self.scaling).view(y.shape)
         return y
 
     def delta(self) -> torch.Tensor:

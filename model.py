@@ -174,6 +174,7 @@ class CausalAttention(torch.autograd.Function):
         B, nh, T, hd = q.shape
         nkv = k.shape[1]
         G, scale = nh // nkv, 1.0 / math.sqrt(hd)
+        want_q, want_k = ctx.needs_input_grad[:2]
 
         def rows(x):  # (B, nh, T, hd) -> (B*nkv, T*G, hd): row t*G + g is query head kv*G + g at t
             return x.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2).reshape(B * nkv, T * G, hd)
@@ -195,10 +196,13 @@ class CausalAttention(torch.autograd.Function):
             P = torch.softmax(S, dim=-1).view(B * nkv, -1, e)
             dV[:, :e].baddbmm_(P.transpose(1, 2), dY[:, r])
             dS = torch.bmm(dY[:, r], V[:, :e].transpose(1, 2)).sub_(delta[:, r]).mul_(P)  # (B*nkv, (e-s)*G, e)
-            dQ[:, r] = torch.bmm(dS, K[:, :e])
-            dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])
-        dq = dQ.mul_(scale).view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2)
-        return dq.to(q.dtype), dK.view(B, nkv, T, hd).to(k.dtype), dV.view(B, nkv, T, hd).to(v.dtype), None
+            if want_q:
+                dQ[:, r] = torch.bmm(dS, K[:, :e])
+            if want_k:          # not in layer 0, whose keys come from frozen weights and embeddings
+                dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])
+        dq = dQ.mul_(scale).view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2).to(q.dtype)
+        dk = dK.view(B, nkv, T, hd).to(k.dtype)
+        return dq if want_q else None, dk if want_k else None, dV.view(B, nkv, T, hd).to(v.dtype), None
 
 
 def attention(q, k, v, mask, same_slots: bool) -> torch.Tensor:

@@ -80,6 +80,10 @@ def test_causal_attention_backward_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, 
         err = ((a.double() - e).abs().max() / e.abs().max()).item()
         assert err < tol, (name, err)
     assert expected[1].abs().max() > 0.1      # the keys do get a gradient (not a comparison of zeros)
+    # keys that need no gradient (layer 0 under LoRA) are skipped; q and v are unchanged
+    q2, v2 = ours[0].detach().requires_grad_(), ours[2].detach().requires_grad_()
+    dq2, dv2 = torch.autograd.grad(M.CausalAttention.apply(q2, ours[1].detach(), v2, mask), (q2, v2), dy.to(dtype))
+    assert torch.equal(dq2, grads[0]) and torch.equal(dv2, grads[2])
 
 
 def test_rows_at_equal_the_full_forward(tiny):
