@@ -180,7 +180,7 @@ class CausalAttention(torch.autograd.Function):
             return x.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2).reshape(B * nkv, T * G, hd)
 
         Q, dY = rows(q).mul_(scale), rows(dy)
-        delta = (dY * rows(y)).sum(-1, keepdim=True)                                  # (B*nkv, T*G, 1)
+        delta = (dy.float() * y.float()).sum(-1).view(B, nkv, G, T).transpose(2, 3).reshape(B * nkv, T * G, 1)
         K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
         dQ, dK, dV = torch.empty_like(Q), torch.zeros_like(K), torch.zeros_like(V)
         blk = torch.arange(ATTN_BLOCK, device=q.device)
