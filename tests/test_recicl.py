@@ -137,3 +137,20 @@ def test_query_split_is_a_token_boundary_for_the_real_tokenizer(default_dir):
     for title in d.titles[::37] + ['Star Wars: "Episode" IV (1977)', "Amélie (2001)", "8 1/2 (1963)"]:
         a, b = R.split_query(liked, title)
         assert tok.encode(a) + tok.encode(b, bos=False) == tok.encode(a + b), title
+
+
+def test_yes_no_logits_of_a_padded_batch_match_transformers(tmp_path):
+    """yes_no_logits runs the last layer only at each prompt's last token of a right-padded
+    batch; the two logits must be transformers' at that token of each prompt run alone."""
+    from conftest import make_tiny_dir
+    hf = make_tiny_dir(tmp_path / "tiny", tie=True)
+    m, _ = M.load(str(tmp_path / "tiny"))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (40, 17, 29)]
+    ans = [297, 295]
+    with torch.no_grad():
+        ours = R.yes_no_logits(m, prompts, ans)
+        for b, p in enumerate(prompts):
+            ref = hf(torch.tensor([p])).logits[0, -1, ans]
+            assert torch.allclose(ours[b], ref, atol=1e-4, rtol=0), b
+    assert ours.shape == (3, 2) and (ours[:, 0] - ours[:, 1]).abs().max() > 1e-3
