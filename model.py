@@ -454,6 +454,8 @@ class Llama(nn.Module):
         predicting targets[b, t] from idx[b, :t+1]. The last layer and the output head run only
         at those positions."""
         n = int(supervised.sum(1).max())
+        if n == 0:
+            raise ValueError("Llama.loss: no supervised position in the batch (the mean would be NaN)")
         at = supervised.int().sort(dim=1, descending=True, stable=True).indices[:, :n]   # (B, n) supervised first
         real = torch.arange(n, device=idx.device)[None, :] < supervised.sum(1)[:, None]  # (B, n) False = filler
         h = self(idx, valid, at=at)

@@ -45,6 +45,8 @@ def test_loss_matches_transformers_on_supervised_positions(tiny_untied):
         ours = m.loss(idx, targets, supervised)
         ref = hf(idx, labels=labels).loss
     assert abs(ours.item() - ref.item()) < 1e-5
+    with pytest.raises(ValueError, match="no supervised position"):
+        m.loss(idx, targets, torch.zeros_like(supervised))
 
 
 @pytest.mark.parametrize("B, nh, nkv, T, hd, pads, dtype, tol", [
