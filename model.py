@@ -164,8 +164,7 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask):
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=k.shape[1] != q.shape[1])
+        y = sdpa(q, k, v, mask)
         ctx.save_for_backward(q, k, v, y, mask)
         return y
 
@@ -213,8 +212,13 @@ def attention(q, k, v, mask, same_slots: bool) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if same_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
         return CausalAttention.apply(q, k, v, mask)
-    # GQA: query head h reads KV head h // (n_heads / n_kv), the same as repeating each KV
-    # head in place (repeat_interleave) but without copying the cache every step.
+    return sdpa(q, k, v, mask)
+
+
+def sdpa(q, k, v, mask) -> torch.Tensor:
+    """torch's scaled_dot_product_attention; mask None = plain causal (or one query: everything).
+    GQA: query head h reads KV head h // (n_heads / n_kv), the same as repeating each KV head in
+    place (repeat_interleave) but without copying the cache every step."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -453,11 +457,12 @@ class Llama(nn.Module):
         """Causal LM loss: mean cross-entropy over positions where `supervised` (B, T) is True,
         predicting targets[b, t] from idx[b, :t+1]. The last layer and the output head run only
         at those positions."""
-        n = int(supervised.sum(1).max())
+        count = supervised.sum(1)                                                        # (B,)
+        n = int(count.max())
         if n == 0:
             raise ValueError("Llama.loss: no supervised position in the batch (the mean would be NaN)")
         at = supervised.int().sort(dim=1, descending=True, stable=True).indices[:, :n]   # (B, n) supervised first
-        real = torch.arange(n, device=idx.device)[None, :] < supervised.sum(1)[:, None]  # (B, n) False = filler
+        real = torch.arange(n, device=idx.device)[None, :] < count[:, None]              # (B, n) False = filler
         h = self(idx, valid, at=at)
         logits = self.head(h[real])                                                      # (N, V) fp32
         return F.cross_entropy(logits, targets.take_along_dim(at, dim=1)[real])
@@ -477,16 +482,13 @@ def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torc
         if T == 1:
             return None                                  # one query sees every earlier slot
     keys_valid = valid if past_valid is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
-    q_slot = torch.arange(P, P + T, device=valid.device)[:, None]                          # (T, 1)
-    k_slot = torch.arange(P + T, device=valid.device)[None, :]                             # (1, S)
-    causal = k_slot <= q_slot                                                              # (T, S)
-    mask = (causal[None] & keys_valid[:, None, :]) | (k_slot == q_slot)[None]              # (B, T, S)
-    return mask[:, None]
+    return rows_mask(keys_valid, torch.arange(P, P + T, device=valid.device).expand(B, T))
 
 
 def rows_mask(valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, 1, n, T) mask for queries at slots `at` (B, n) over keys at slots 0..T-1:
-    slot s is seen iff s <= the query's slot and s is valid, and every query sees itself."""
+    """Boolean (B, 1, n, T) mask for queries at slots `at` (B, n) over keys at slots 0..T-1
+    whose validity is `valid` (B, T): slot s is seen iff s <= the query's slot and s is valid,
+    and every query sees itself. The one mask rule; attention_mask is its consecutive case."""
     s = torch.arange(valid.shape[1], device=valid.device)[None, None, :]        # (1, 1, T)
     mask = ((s <= at[:, :, None]) & valid[:, None, :]) | (s == at[:, :, None])  # (B, n, T)
     return mask[:, None]
