@@ -96,7 +96,7 @@ def test_rows_at_equal_the_full_forward(tiny):
     torch.manual_seed(9)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (23, 9, 16)]
     idx, valid = M.pad(prompts, left=True)
-    at = torch.tensor([[22, 5, 0], [22, 3, 14], [7, 8, 22]])        # repeats and a pad slot (3 of row 1) too
+    at = torch.tensor([[22, 5, 0], [22, 3, 14], [7, 22, 22]])       # a repeat (row 2) and a pad slot (3 of row 1) too
     with torch.no_grad():
         full = m(idx, valid)
         rows = m(idx, valid, at=at)
