@@ -412,6 +412,8 @@ class Llama(nn.Module):
             raise ValueError("pass either cache or prefix, not both")
         if at is not None and (cache is not None or prefix is not None):
             raise ValueError("`at` works without cache or prefix only")
+        if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= int(at.min()) <= int(at.max()) < T)):
+            raise ValueError(f"`at` must be (B={B}, n) slots in 0..{T - 1}, got shape {tuple(at.shape)}")
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         start, past_valid, base_pos = 0, None, torch.zeros(B, dtype=torch.long, device=idx.device)

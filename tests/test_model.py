@@ -106,6 +106,9 @@ def test_rows_at_equal_the_full_forward(tiny):
     assert torch.allclose(rows, full.take_along_dim(at[:, :, None], dim=1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="without cache"):
         m(idx, valid, cache=M.KVCache(m.args, 3, 30), at=at)
+    for bad in (at + 1, at[:2], at[0]):                          # slot 23 of 23, wrong batch, not 2-D
+        with pytest.raises(ValueError, match="`at` must be"):
+            m(idx, valid, at=bad)
 
 
 def test_cached_decoding_equals_recomputation_every_step(tiny):
