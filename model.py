@@ -145,64 +145,94 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin_signed).to(x.dtype)
 
 
-ATTN_BLOCK = 64  # query rows per block of the CPU attention backward: 32 and 64 were fastest of 32..512
-                 # in one-off timings on bench.py's shapes, and 32 or 128 changed the LoRA step by < 0.2%
+ATTN_BLOCK = 64  # query rows per block of the CPU training attention: 32..96 were fastest of 32..512 in
+                 # one-off timings on bench.py's shapes (and 32 or 128 changed the LoRA step by < 0.2%)
+ATTN_KEEP_P_BYTES = 64 << 20  # keep the forward's softmax P for the backward while it needs at most this
+                              # much per layer (1 x 9 heads x 512 tokens: 5.3 MB; ~3% faster LoRA step),
+                              # else recompute it; P grows as T^2, the rest of a layer's activations as T
 
 
 class CausalAttention(torch.autograd.Function):
-    """y = softmax(q k^T / sqrt(hd) + mask) v with a hand-written backward for training on CPU.
+    """y = softmax(q k^T / sqrt(hd) + mask) v, forward and backward by hand, for training on CPU.
 
     q: (B, nh, T, hd); k, v: (B, nkv, T, hd); mask: (B, 1, T, T) bool or None for plain causal.
     The mask must be causal (or stricter) with every diagonal allowed, as `attention_mask` makes.
-    The forward is torch's SDPA (the same kernel and numbers as inference). Torch's CPU flash
-    backward runs at about a third of GEMM speed; this one recomputes the scores in blocks of
-    ATTN_BLOCK query rows, skips the key blocks a block cannot see (about half the products),
-    and spends its time in batched GEMMs. With S = q k^T * scale, P = softmax(S), y = P v:
+    Torch's CPU flash attention runs at about a third of GEMM speed, its backward too. Here the
+    queries go in blocks of ATTN_BLOCK rows; a block sees keys 0..e-1 only, so the key blocks it
+    cannot see (about half the products) are skipped, and the time goes to batched GEMMs.
+    With S = q k^T * scale, P = softmax(S), y = P v:
         dv = P^T dy,  dP = dy v^T,  dS = P * (dP - rowsum(dy * y)),  dq = dS k * scale,  dk = dS^T q * scale.
-    Rows are laid out as (kv head, t, group) so that a GQA query block is one contiguous slab
-    that reads its kv head once. Computed in fp32 whatever the input dtype (precision policy)."""
+    P is kept from the forward while small (ATTN_KEEP_P_BYTES), as eager attention does; past
+    that it is recomputed block by block, as flash attention does. Rows are laid out as
+    (kv head, t, group) so that a GQA query block is one contiguous slab that reads its kv head
+    once. Computed in fp32 whatever the input dtype (precision policy)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)   # fp32 under a bf16 autocast too
     def forward(ctx, q, k, v, mask):
-        y = sdpa(q, k, v, mask)
-        ctx.save_for_backward(q, k, v, y, mask)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v, y, mask = ctx.saved_tensors
         B, nh, T, hd = q.shape
         nkv = k.shape[1]
+        G = nh // nkv
+        # (B, nh, T, hd) -> (B*nkv, T*G, hd): row t*G + g is query head kv*G + g at position t
+        Q = torch.empty(B, nkv, T, G, hd, dtype=torch.float32, device=q.device)
+        torch.mul(q.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2), 1.0 / math.sqrt(hd), out=Q)
+        Q = Q.view(B * nkv, T * G, hd)                                    # scaled once, here
+        K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
+        Y = torch.empty_like(Q)
+        keep = B * nh * T * (T + ATTN_BLOCK) * 2 <= ATTN_KEEP_P_BYTES       # fp32 bytes of the P blocks
+        kept = []
+        for s, e, P in _attention_blocks(Q, K, mask, G):
+            torch.bmm(P, V[:, :e], out=Y[:, s * G:e * G])
+            if keep:
+                kept.append(P)
+        ctx.keep = keep
+        ctx.save_for_backward(Q, K, V, Y, mask, *kept)     # saved, not kept on ctx: checkpointing can drop them
+        # back to (B, T, nh, hd) memory, viewed as (B, nh, T, hd): the o_proj input is then a view
+        return Y.view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2).to(q.dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dy):
+        Q, K, V, Y, mask, *kept = ctx.saved_tensors
+        B, nh, T, hd = dy.shape
+        nkv = K.shape[0] // B
         G, scale = nh // nkv, 1.0 / math.sqrt(hd)
         want_q, want_k = ctx.needs_input_grad[:2]
-
-        def rows(x):  # (B, nh, T, hd) -> (B*nkv, T*G, hd): row t*G + g is query head kv*G + g at t
-            return x.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2).reshape(B * nkv, T * G, hd)
-
-        Q, dY = rows(q).mul_(scale), rows(dy)
-        delta = (dy.float() * y.float()).sum(-1).view(B, nkv, G, T).transpose(2, 3).reshape(B * nkv, T * G, 1)
-        K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
+        dY = dy.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2).reshape(B * nkv, T * G, hd)
+        delta = (dY * Y).sum(-1, keepdim=True)                           # rowsum(dy * y): (B*nkv, T*G, 1)
         dQ, dK, dV = torch.empty_like(Q), torch.zeros_like(K), torch.zeros_like(V)
-        blk = torch.arange(ATTN_BLOCK, device=q.device)
-        future = blk[None, :] > blk.repeat_interleave(G)[:, None]      # (ATTN_BLOCK*G, ATTN_BLOCK): key after query
-        for s in range(0, T, ATTN_BLOCK):
-            e = min(s + ATTN_BLOCK, T)                  # queries s..e-1 see keys 0..e-1 at most
+        blocks = _attention_blocks(Q, K, mask, G)
+        if ctx.keep:
+            blocks = ((s, min(s + ATTN_BLOCK, T), P) for s, P in zip(range(0, T, ATTN_BLOCK), kept))
+        for s, e, P in blocks:
             r = slice(s * G, e * G)
-            S = torch.bmm(Q[:, r], K[:, :e].transpose(1, 2)).view(B, nkv, (e - s) * G, e)
-            if mask is None:   # only the diagonal block has keys after some of its queries
-                S[..., s:].masked_fill_(future[:(e - s) * G, :e - s], float("-inf"))
-            else:
-                S.masked_fill_(~mask[:, :, s:e, :e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e)
-            P = torch.softmax(S, dim=-1).view(B * nkv, -1, e)
             dV[:, :e].baddbmm_(P.transpose(1, 2), dY[:, r])
             dS = torch.bmm(dY[:, r], V[:, :e].transpose(1, 2)).sub_(delta[:, r]).mul_(P)  # (B*nkv, (e-s)*G, e)
             if want_q:
-                dQ[:, r] = torch.bmm(dS, K[:, :e])
+                torch.bmm(dS, K[:, :e], out=dQ[:, r])
             if want_k:          # not in layer 0, whose keys come from frozen weights and embeddings
-                dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])
-        dq = dQ.mul_(scale).view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2).to(q.dtype)
-        dk = dK.view(B, nkv, T, hd).to(k.dtype)
-        return dq if want_q else None, dk if want_k else None, dV.view(B, nkv, T, hd).to(v.dtype), None
+                dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])          # Q carries the scale already
+        dq = dQ.mul_(scale).view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2)
+        return (dq.to(dy.dtype) if want_q else None, dK.view(B, nkv, T, hd).to(dy.dtype) if want_k else None,
+                dV.view(B, nkv, T, hd).to(dy.dtype), None)
+
+
+def _attention_blocks(Q, K, mask, G):
+    """Yield (s, e, P) per block of ATTN_BLOCK queries s..e-1: P = softmax over keys 0..e-1,
+    (B*nkv, (e-s)*G, e), with the mask (or the causal rule within the diagonal block) applied."""
+    Bk, TG, _ = Q.shape
+    T = TG // G
+    B = Bk if mask is None else mask.shape[0]
+    blk = torch.arange(ATTN_BLOCK, device=Q.device)
+    future = blk[None, :] > blk.repeat_interleave(G)[:, None]          # (ATTN_BLOCK*G, ATTN_BLOCK): key after query
+    for s in range(0, T, ATTN_BLOCK):
+        e = min(s + ATTN_BLOCK, T)                                      # queries s..e-1 see keys 0..e-1 at most
+        S = torch.bmm(Q[:, s * G:e * G], K[:, :e].transpose(1, 2)).view(B, Bk // B, (e - s) * G, e)
+        if mask is None:   # only the diagonal block has keys after some of its queries
+            S[..., s:].masked_fill_(future[:(e - s) * G, :e - s], float("-inf"))
+        else:
+            S.masked_fill_(~mask[:, :, s:e, :e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e)
+        yield s, e, torch.softmax(S, dim=-1).view(Bk, -1, e)
 
 
 def attention(q, k, v, mask, same_slots: bool) -> torch.Tensor:

@@ -55,9 +55,12 @@ def test_loss_matches_transformers_on_supervised_positions(tiny_untied):
     (2, 4, 4, 70, 8, "right", torch.float32, 2e-5),         # no GQA, right padding
     (2, 6, 2, 130, 32, "left", torch.bfloat16, 3e-2),
 ])
-def test_causal_attention_backward_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol):
-    """CausalAttention's hand-written backward against autograd through torch's own SDPA (math
-    kernel, float64), for the masks attention_mask makes."""
+@pytest.mark.parametrize("keep_p", [True, False])
+def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep_p, monkeypatch):
+    """CausalAttention's hand-written forward and backward against autograd through torch's own
+    SDPA (math kernel, float64), for the masks attention_mask makes; with P kept from the forward
+    and with P recomputed in the backward."""
+    monkeypatch.setattr(M, "ATTN_KEEP_P_BYTES", 1 << 40 if keep_p else 0)
     g = torch.Generator().manual_seed(T)
     q = torch.randn(B, T, nh, hd, generator=g).transpose(1, 2)   # strided, as Attention makes it
     k, v = torch.randn(B, nkv, T, hd, generator=g), torch.randn(B, nkv, T, hd, generator=g) * 2
@@ -71,11 +74,14 @@ def test_causal_attention_backward_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, 
     mask = M.attention_mask(valid, None)
     assert (mask is None) == (pads is None)
     ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    grads = torch.autograd.grad(M.CausalAttention.apply(*ours, mask), ours, dy.to(dtype))
+    y_ours = M.CausalAttention.apply(*ours, mask)
+    grads = torch.autograd.grad(y_ours, ours, dy.to(dtype))
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         y = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=mask is None,
                                                              enable_gqa=nkv != nh)
+    assert y_ours.dtype == dtype and y_ours.shape == y.shape
+    assert ((y_ours.double() - y).abs().max() / y.abs().max()).item() < tol / 2
     expected = torch.autograd.grad(y, ref, dy.double())
     for name, a, e in zip("qkv", grads, expected):
         assert a.dtype == dtype and a.shape == e.shape
