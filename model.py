@@ -236,9 +236,10 @@ def _attention_blocks(Q, K, mask, G):
 
 
 def attention(q, k, v, mask, same_slots: bool) -> torch.Tensor:
-    """SDPA over (B, heads, T, hd) with `mask` from attention_mask (None = plain causal, or one
-    query that sees everything). same_slots: keys are the queries' own T slots (no cache, no
-    prefix); then a CPU backward, if one follows, is CausalAttention's (same forward numbers)."""
+    """Attention over (B, heads, T, hd) with `mask` from attention_mask (None = plain causal, or
+    one query that sees everything): torch's SDPA, or, when training on CPU with keys at the
+    queries' own T slots (same_slots: no cache, no prefix), CausalAttention (same math, its own
+    blockwise forward and backward; equal to SDPA within fp32 rounding)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if same_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
         return CausalAttention.apply(q, k, v, mask)
