@@ -25,6 +25,8 @@ directory, same token ids; outputs are compared before timing.
   decode_128_bf16    ours in bfloat16 ("ours") against ours in float32 ("peer")
   lora_step_512      one LoRA training step (r 8 on q_proj, v_proj; one 512-token sequence, last 8
                      tokens supervised; forward, backward, AdamW) against transformers + peft;
+                     ours with train.keep_freed_memory() as train.train() sets it on CPU
+                     (--default-malloc: without it);
                      lora_step_512_peak_rss: peak resident memory during a step, above the
                      worker's size before loading the model (weights + activations + state);
                      lora_step_512_kernels: one profiled step per side, seconds in GEMM and
@@ -62,9 +64,10 @@ def rss_step_peak(fn, baseline):
     return out, rss("VmHWM:") - baseline
 
 
-def lora_worker(side: str, model_dir: str):
+def lora_worker(side: str, model_dir: str, default_malloc: bool = False):
     """One LoRA training step: r 8, alpha 16, dropout 0 on q_proj and v_proj, one 512-token
-    sequence whose last 8 tokens are supervised, AdamW, fp32."""
+    sequence whose last 8 tokens are supervised, AdamW, fp32. Ours runs as train.train() runs
+    it on CPU, with train.keep_freed_memory() (unless default_malloc)."""
     import torch
     ids = torch.tensor([PROMPT_512])
     if side == "ours":
@@ -74,6 +77,9 @@ def lora_worker(side: str, model_dir: str):
         m, _ = M.load(model_dir)
         lora.inject(m, ("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
         params = lora.lora_parameters(m)
+        if not default_malloc:
+            import train
+            train.keep_freed_memory()
         sup = torch.zeros_like(ids, dtype=torch.bool)
         sup[:, -9:-1] = True                                  # position t predicts token t+1
         targets = torch.roll(ids, -1, 1)
@@ -128,11 +134,11 @@ def kernel_seconds(step) -> dict:
     return {"gemm": round(gemm / 1e6, 4), "attention": round(attn / 1e6, 4), "profiled_total": round(total / 1e6, 4)}
 
 
-def worker(side: str, model_dir: str, dtype: str):
+def worker(side: str, model_dir: str, dtype: str, default_malloc: bool = False):
     """Read one job name per line from stdin; answer {"t": seconds, "out": ...} per line."""
     import torch
     if side.endswith("-lora"):
-        return lora_worker(side[:-5], model_dir)
+        return lora_worker(side[:-5], model_dir, default_malloc)
     if side == "ours":
         import model as M
         m, _ = M.load(model_dir, dtype=getattr(torch, dtype))
@@ -183,9 +189,9 @@ def worker(side: str, model_dir: str, dtype: str):
 
 
 class Worker:
-    def __init__(self, side, model_dir, dtype="float32"):
+    def __init__(self, side, model_dir, dtype="float32", extra=()):
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", side, "--model", model_dir,
-                                   "--dtype", dtype], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
+                                   "--dtype", dtype, *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
         self._read()
 
     def _read(self):
@@ -266,13 +272,15 @@ def main(argv=None):
     ap.add_argument("--only", default="prefill,decode,long,memory,bf16,lora")
     ap.add_argument("--worker", choices=["ours", "peer", "ours-lora", "peer-lora"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="run our LoRA step with glibc's default malloc settings (without train.keep_freed_memory())")
     a = ap.parse_args(argv)
     model_dir = a.model
     if model_dir is None:
         from convert_gguf import default_model_dir
         model_dir = default_model_dir()
     if a.worker:
-        return worker(a.worker, model_dir, a.dtype)
+        return worker(a.worker, model_dir, a.dtype, a.default_malloc)
     import torch
     which = set(a.only.split(","))
     print(json.dumps({"bench": "setup", "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -297,7 +305,8 @@ def main(argv=None):
         compare("decode_128_bf16", bf16, fp32, "decode", "decode", a.runs, note="ours bf16 vs ours fp32 (peer)")
         bf16.close(), fp32.close()
     if "lora" in which:
-        ours, peer = Worker("ours-lora", model_dir), Worker("peer-lora", model_dir)
+        ours = Worker("ours-lora", model_dir, extra=["--default-malloc"] if a.default_malloc else [])
+        peer = Worker("peer-lora", model_dir)
         peer_t = compare("lora_step_512", ours, peer, "step", "step", a.runs,
                          note="same_output compares the first step's loss (3 decimals)")
         ko, kp = ours("kernels")["out"], peer("kernels")["out"]
