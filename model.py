@@ -19,7 +19,8 @@ windows. A config that asks for one of them is refused by name (see ModelArgs.fr
 Precision policy (written once, here): RMSNorm statistics, the RoPE tables and rotation,
 the logits and the loss are computed in float32 whatever the weight dtype. Attention uses
 torch's scaled_dot_product_attention, i.e. softmax(q k^T / sqrt(hd) + mask) v, whose CPU
-kernels accumulate in float32 for bfloat16 inputs.
+kernels accumulate in float32 for bfloat16 inputs; training on CPU uses CausalAttention, the
+same math written out, computed in float32.
 
 Positions and masks come from the data, never assumed: every token carries a `valid` flag
 (False = padding); a token's RoPE position is the number of valid tokens before it in its row
@@ -148,7 +149,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 ATTN_BLOCK = 64  # query rows per block of the CPU training attention: 32..96 were fastest of 32..512 in
                  # one-off timings on bench.py's shapes (and 32 or 128 changed the LoRA step by < 0.2%)
 ATTN_KEEP_P_BYTES = 64 << 20  # keep the forward's softmax P for the backward while it needs at most this
-                              # much per layer (1 x 9 heads x 512 tokens: 5.3 MB; ~3% faster LoRA step),
+                              # much per layer (1 x 9 heads x 512 tokens: 5.3 MB; LoRA step ~2% faster),
                               # else recompute it; P grows as T^2, the rest of a layer's activations as T
 
 
