@@ -174,10 +174,7 @@ class CausalAttention(torch.autograd.Function):
         B, nh, T, hd = q.shape
         nkv = k.shape[1]
         G = nh // nkv
-        # (B, nh, T, hd) -> (B*nkv, T*G, hd): row t*G + g is query head kv*G + g at position t
-        Q = torch.empty(B, nkv, T, G, hd, dtype=torch.float32, device=q.device)
-        torch.mul(q.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2), 1.0 / math.sqrt(hd), out=Q)
-        Q = Q.view(B * nkv, T * G, hd)                                    # scaled once, here
+        Q = _to_rows(q, nkv, scale=1.0 / math.sqrt(hd))                    # scaled once, here
         K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
         Y = torch.empty_like(Q)
         keep = B * nh * T * (T + ATTN_BLOCK) * 2 <= ATTN_KEEP_P_BYTES       # fp32 bytes of the P blocks
@@ -186,10 +183,8 @@ class CausalAttention(torch.autograd.Function):
             torch.bmm(P, V[:, :e], out=Y[:, s * G:e * G])
             if keep:
                 kept.append(P)
-        ctx.keep = keep
         ctx.save_for_backward(Q, K, V, Y, mask, *kept)     # saved, not kept on ctx: checkpointing can drop them
-        # back to (B, T, nh, hd) memory, viewed as (B, nh, T, hd): the o_proj input is then a view
-        return Y.view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2).to(q.dtype)
+        return _from_rows(Y, B, T).to(q.dtype)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -199,12 +194,12 @@ class CausalAttention(torch.autograd.Function):
         nkv = K.shape[0] // B
         G, scale = nh // nkv, 1.0 / math.sqrt(hd)
         want_q, want_k = ctx.needs_input_grad[:2]
-        dY = dy.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2).reshape(B * nkv, T * G, hd)
+        dY = _to_rows(dy, nkv)
         delta = (dY * Y).sum(-1, keepdim=True)                           # rowsum(dy * y): (B*nkv, T*G, 1)
         dQ, dK, dV = torch.empty_like(Q), torch.zeros_like(K), torch.zeros_like(V)
         blocks = _attention_blocks(Q, K, mask, G)
-        if ctx.keep:
-            blocks = ((s, min(s + ATTN_BLOCK, T), P) for s, P in zip(range(0, T, ATTN_BLOCK), kept))
+        if kept:            # a kept block P is (B*nkv, (e-s)*G, e): its queries s..e-1 follow from its shape
+            blocks = ((P.shape[2] - P.shape[1] // G, P.shape[2], P) for P in kept)
         for s, e, P in blocks:
             r = slice(s * G, e * G)
             dV[:, :e].baddbmm_(P.transpose(1, 2), dY[:, r])
@@ -213,9 +208,30 @@ class CausalAttention(torch.autograd.Function):
                 torch.bmm(dS, K[:, :e], out=dQ[:, r])
             if want_k:          # not in layer 0, whose keys come from frozen weights and embeddings
                 dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])          # Q carries the scale already
-        dq = dQ.mul_(scale).view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nh, hd).transpose(1, 2)
+        dq = _from_rows(dQ.mul_(scale), B, T)
         return (dq.to(dy.dtype) if want_q else None, dK.view(B, nkv, T, hd).to(dy.dtype) if want_k else None,
                 dV.view(B, nkv, T, hd).to(dy.dtype), None)
+
+
+def _to_rows(x: torch.Tensor, nkv: int, scale: float | None = None) -> torch.Tensor:
+    """(B, nh, T, hd) -> a new fp32 (B*nkv, T*G, hd) tensor, times `scale` if given: row t*G + g
+    of batch b*nkv + kv is query head kv*G + g at position t (the rows of one GQA group)."""
+    B, nh, T, hd = x.shape
+    G = nh // nkv
+    src = x.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2)   # (B, nkv, T, G, hd) view
+    out = torch.empty(B, nkv, T, G, hd, dtype=torch.float32, device=x.device)  # never a view of x
+    if scale is None:
+        out.copy_(src)
+    else:
+        torch.mul(src, scale, out=out)
+    return out.view(B * nkv, T * G, hd)
+
+
+def _from_rows(X: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """The inverse of _to_rows: (B*nkv, T*G, hd) -> (B, nh, T, hd), a view of (B, T, nh, hd)
+    memory, so that the (B, T, nh*hd) input of o_proj is a view too."""
+    nkv, G, hd = X.shape[0] // B, X.shape[1] // T, X.shape[2]
+    return X.view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nkv * G, hd).transpose(1, 2)
 
 
 def _attention_blocks(Q, K, mask, G):
