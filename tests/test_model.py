@@ -94,6 +94,34 @@ def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep
     assert torch.equal(dq2, grads[0]) and torch.equal(dv2, grads[2])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("V", [96, 100])          # 100: not divisible by 3 or 8 threads' slices
+@pytest.mark.parametrize("lead", [(), (5,), (2, 7)])
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_vocab_linear_matches_float64_linear(threads, V, lead, layout):
+    """The output head's sliced bmm against F.linear in float64: values and the gradient of h,
+    for row- and column-major weights (load() stores matrices column-major on CPU)."""
+    torch.manual_seed(0)
+    w = torch.randn(V, 24)
+    if layout == "column":
+        w = M.cpu_fast_layout(w)
+    h = torch.randn(*lead, 24, requires_grad=True)
+    dy = torch.randn(*lead, V)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = M.vocab_linear(h, w)
+        (dh,) = torch.autograd.grad(out, h, dy)
+    finally:
+        torch.set_num_threads(old)
+    h64 = h.detach().double().requires_grad_()
+    ref = torch.nn.functional.linear(h64, w.double())
+    (dref,) = torch.autograd.grad(ref, h64, dy.double())
+    assert out.shape == ref.shape == (*lead, V)
+    assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (dh.double() - dref).abs().max() < 1e-4 * dref.abs().max()
+
+
 def test_rows_at_equal_the_full_forward(tiny):
     """forward(at=...) runs the last layer on a few rows only; those rows must equal the full
     forward's, left padding included."""
