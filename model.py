@@ -289,6 +289,8 @@ def vocab_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     there, so it keeps F.linear. Same products; the sums run in another order (fp32 rounding)."""
     n = torch.get_num_threads()
     V, D = w.shape
+    if h.shape[-1] != D:     # checked here: the bmm path would reshape a wrong h before failing
+        raise ValueError(f"hidden states of size {h.shape[-1]} do not fit the output head ({V} x {D})")
     if h.device.type != "cpu" or w.dtype != torch.float32 or n == 1 or V % n:
         return F.linear(h, w)
     rows = h.reshape(-1, D)

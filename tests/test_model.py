@@ -120,6 +120,8 @@ def test_vocab_linear_matches_float64_linear(threads, V, lead, layout):
     assert out.shape == ref.shape == (*lead, V)
     assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
     assert (dh.double() - dref).abs().max() < 1e-4 * dref.abs().max()
+    with pytest.raises(ValueError, match="size 12 do not fit the output head"):
+        M.vocab_linear(torch.randn(*lead, 2, 12), w)      # same element count as (*lead, 24)
 
 
 def test_rows_at_equal_the_full_forward(tiny):
