@@ -77,7 +77,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def inject(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16, dropout: float = 0.05) -> dict:
     """Wrap every nn.Linear whose name ends in one of `targets` and freeze everything else.
-    Returns {module path: LoRALinear}. Injecting into a model that has LoRA already is an error."""
+    Returns {module path: LoRALinear}. Each new module takes its base layer's train/eval mode, so
+    an adapter loaded into an eval-mode model scores without dropout. Injecting into a model that
+    has LoRA already is an error."""
     bad = [t for t in targets if t not in PROJECTIONS]
     if bad or not targets:
         raise ValueError(f"LoRA targets must be among {PROJECTIONS}, got {list(targets)}")
@@ -92,6 +94,7 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: fl
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = LoRALinear(base, r, alpha, dropout)
+        wrapped.train(base.training)       # a new module starts in training mode; follow the base's mode
         wrapped.lora_A.weight.requires_grad_(True)
         wrapped.lora_B.weight.requires_grad_(True)
         setattr(parent, child, wrapped)

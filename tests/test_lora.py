@@ -223,3 +223,26 @@ def test_training_gradients_match_peft_on_a_padded_batch(tiny_untied, tmp_path):
             theirs = peft_grads[f"base_model.model.{name}.{ab}.default.weight"]
             assert theirs.abs().max() > 1e-4, (name, ab)    # a real gradient, not zeros
             assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max(), (name, ab)
+
+
+def test_injected_adapter_follows_the_model_mode(tiny_untied, tmp_path):
+    """An adapter with dropout > 0 loaded into an eval-mode model scores deterministically; the
+    same adapter in training mode does apply dropout (so the check can fail)."""
+    path, _ = tiny_untied
+    m, _ = M.load(path)
+    lora.inject(m, r=4, dropout=0.5)
+    randomize_B(m)
+    lora.save_adapter(m, str(tmp_path / "ad"))
+    served, _ = M.load(path)
+    served.eval()
+    lora.load_adapter(served, str(tmp_path / "ad"))
+    assert not any(mod.training for mod in lora.lora_modules(served).values())
+    torch.manual_seed(1)
+    a = logits(served, IDX)
+    torch.manual_seed(2)
+    assert torch.equal(a, logits(served, IDX))
+    served.train()
+    torch.manual_seed(1)
+    b = logits(served, IDX)
+    torch.manual_seed(2)
+    assert not torch.equal(b, logits(served, IDX))
