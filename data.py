@@ -413,19 +413,19 @@ def quoted_list(titles) -> str:
     return ", ".join(quote(t) for t in titles)
 
 
-def fit_budget(render, demos: list, history: list, n_tokens, budget: int):
-    """Find the largest prompt within `budget` tokens: drop the oldest demonstrations first,
-    then the oldest history titles; the query itself is never cut. `render(demos, history)`
-    -> text; `n_tokens(text)` -> int. Returns (text, demos kept, history kept)."""
+def fit_budget(render, demos: list, history: list, n_tokens, budget: int, history_first: bool = False):
+    """Find the largest prompt within `budget` tokens: drop the oldest demonstrations first, then
+    the oldest history titles (history_first: the other way round); the query itself is never cut.
+    `render(demos, history)` -> text; `n_tokens(text)` -> int. Returns (text, demos kept, history kept)."""
     demos, history = list(demos), list(history)
     while True:
         text = render(demos, history)
         if n_tokens(text) <= budget:
             return text, demos, history
-        if demos:
-            demos = demos[1:]
-        elif history:
+        if history and (history_first or not demos):
             history = history[1:]
+        elif demos:
+            demos = demos[1:]
         else:
             raise ValueError(f"the query alone needs {n_tokens(text)} tokens, over the budget of {budget}")
 

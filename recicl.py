@@ -19,8 +19,9 @@ logit(Yes) - logit(No). Both answers must be single, distinct tokens (checked at
 
 CPU defaults (a 2-core machine, SmolLM2-135M): a subsample of the training samples, shorter
 histories inside demonstrations (--demo-history 3; the query keeps up to 10 liked titles) and a
-prompt budget of 512 tokens, met by dropping the oldest demonstrations, then the oldest
-history titles, never the query. Flags take every part to the paper's full size.
+prompt budget of 512 tokens, met by dropping the query's oldest history titles first, then the
+oldest demonstrations, never the query's item (at 512 every eval prompt of the default run keeps
+all the demonstrations its user has, and on average 7.2 of 8.8 query history titles). Flags take every part to the paper's full size.
 """
 import argparse
 import math
@@ -78,9 +79,11 @@ class Prompter:
         return SYSTEM + "".join(self.demo_text(x) for x in demos) + block(self.titles(history), title)
 
     def fit(self, demos: list, history: list, title: str) -> tuple[str, list, list]:
-        """data.fit_budget on this prompt: (text, demonstrations kept, history kept)."""
+        """data.fit_budget on this prompt, cutting the query's oldest history titles before any
+        demonstration, so that the prompt shows the K demonstrations it is said to show:
+        (text, demonstrations kept, history kept)."""
         return D.fit_budget(lambda ds, hist: self.text(ds, hist, title), demos, history,
-                            lambda t: len(self.tok.encode(t)), self.max_len)
+                            lambda t: len(self.tok.encode(t)), self.max_len, history_first=True)
 
     def render(self, s: D.Sample) -> tuple[str, list]:
         """(text, demonstration samples kept) for sample s."""

@@ -167,6 +167,11 @@ def test_fit_budget_drops_oldest_demos_then_history_never_query():
     assert demos == [] and hist == ["h2", "h3"] and text.endswith("?QUERY")
     with pytest.raises(ValueError, match="query alone"):
         D.fit_budget(render, [], ["h1"], n_tok, 1)
+    # history_first: the history goes before any demonstration, then the oldest demonstrations
+    text, demos, hist = D.fit_budget(render, ["d1 d1", "d2 d2"], ["h1", "h2", "h3"], n_tok, 8, history_first=True)
+    assert demos == ["d1 d1", "d2 d2"] and hist == ["h3"] and text.endswith("?QUERY")
+    text, demos, hist = D.fit_budget(render, ["d1 d1", "d2 d2"], ["h1", "h2", "h3"], n_tok, 5, history_first=True)
+    assert demos == ["d2 d2"] and hist == [] and text.endswith("?QUERY")
 
 
 def test_default_dataset_is_movielens_100k():

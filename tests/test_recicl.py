@@ -71,22 +71,28 @@ def tiny_prompter(model_dir, ds, k=4, max_len=400, demo_history=3):
     return d, samples, tok, R.Prompter(d, samples, tok, k, demo_history, max_len)
 
 
-def test_over_long_prompt_drops_oldest_demos_first_and_keeps_query(setup_dirs):
+def test_over_long_prompt_cuts_query_history_then_oldest_demos_and_keeps_query(setup_dirs):
     model, ds, _ = setup_dirs
     d, samples, tok, pr = tiny_prompter(model, ds, max_len=100_000)
     s = next(x for x in samples if len(x.demos) == 4 and len(x.history) >= 3)
+    titles = [d.titles[i] for i in s.history]
     full, kept = pr.render(s)
     assert [x.idx for x in kept] == s.demos
-    query = R.block([d.titles[i] for i in s.history], d.titles[s.item])
-    assert full.endswith(query)
+    assert full.endswith(R.block(titles, d.titles[s.item]))
     n_full = len(tok.encode(full))
-    pr.max_len = n_full - 5                                   # one demonstration must go: the oldest
+    pr.max_len = n_full - 5                   # the query's oldest history title goes, every demo stays
     text, kept = pr.render(s)
-    assert [x.idx for x in kept] == s.demos[1:] and text.endswith(query)
-    pr.max_len = len(tok.encode(R.SYSTEM + query)) - 3         # no demos fit; oldest history titles go
+    assert [x.idx for x in kept] == s.demos and text.endswith(R.block(titles[1:], d.titles[s.item]))
+    no_history = R.block([], d.titles[s.item])
+    pr.max_len = len(tok.encode(text[:-len(R.block(titles[1:], d.titles[s.item]))] + no_history)) - 1
+    text, kept = pr.render(s)                 # no history left to cut: the oldest demonstration goes
+    assert [x.idx for x in kept] == s.demos[1:] and text.endswith(no_history)
+    pr.max_len = len(tok.encode(R.SYSTEM + no_history))          # only the bare query fits
     text, kept = pr.render(s)
-    assert kept == [] and text.endswith(f'the movie titled "{d.titles[s.item]}". Answer with "Yes" or "No".\nAnswer:')
-    assert d.titles[s.history[-1]] in text and d.titles[s.history[0]] not in text
+    assert kept == [] and text == R.SYSTEM + no_history
+    pr.max_len -= 1
+    with pytest.raises(ValueError, match="the query alone needs"):
+        pr.render(s)
     for x in samples:                                       # demonstrations are strictly earlier
         assert all(samples[j].ts < x.ts for j in x.demos)
 
