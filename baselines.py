@@ -9,6 +9,13 @@ frozen, AUC and UAUC on each of D5..D9.
   ItemLikeRate   score = the item's smoothed like rate in training ((likes + 1) / (n + 2))
   MF             user/item embeddings (dim 32) + biases, trained with binary cross-entropy,
                  Adam, early stopping on a random 5% of the training interactions held out
+binary, real time (recicl.py eval's controls): each score of an interaction at time t uses only
+interactions strictly before t, the information RecICL's prompt is built from.
+  UserLikeRate         the user's smoothed like rate over all earlier answers
+  ItemLikeRate (t)     the item's smoothed like rate over all earlier interactions
+  LogReg               logistic regression on the log-odds of both rates and of the like rate of
+                       the user's K latest answers, and the log counts behind them, fitted on
+                       the training periods' interactions
 sequential (AdaptRec's task): leave-one-out rows from data.sequential_rows with their fixed 20
 candidates; HR@1, HR@5, NDCG@5 on the test rows (ties against the target).
   Pop            candidates ranked by training popularity
@@ -103,6 +110,56 @@ def binary_scores(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=
     with torch.no_grad():
         mf_scores = mf(torch.from_numpy(d.users), torch.from_numpy(d.items)).numpy()
     return {"Pop": count[d.items], "ItemLikeRate": ((likes + 1) / (count + 2))[d.items], "MF": mf_scores}
+
+
+def causal_counts(d: D.Data, y: np.ndarray) -> dict:
+    """For each interaction (d in time order): likes and count of its user and of its item over
+    the interactions strictly before its timestamp (interactions at the same time do not see
+    each other)."""
+    n = len(d)
+    acc = {"user": (np.zeros(len(d.user_ids)), np.zeros(len(d.user_ids)), d.users),
+           "item": (np.zeros(len(d.item_ids)), np.zeros(len(d.item_ids)), d.items)}
+    out = {f"{k}_{v}": np.zeros(n) for k in acc for v in ("likes", "n")}
+    starts = np.flatnonzero(np.r_[True, d.ts[1:] != d.ts[:-1]])         # first row of each timestamp
+    for j, k in zip(starts, np.r_[starts[1:], n]):
+        for key, (likes, count, ix) in acc.items():
+            g = ix[j:k]
+            out[f"{key}_likes"][j:k], out[f"{key}_n"][j:k] = likes[g], count[g]
+            np.add.at(likes, g, y[j:k])
+            np.add.at(count, g, 1)
+    return out
+
+
+def log_odds(likes, n, prior: float = 1.0):
+    """log of (likes + prior) / (n - likes + prior): the log-odds of a smoothed rate."""
+    return np.log((likes + prior) / (n - likes + prior))
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, iters: int = 30) -> np.ndarray:
+    """Weights (features + 1 for the bias, last) of L2-regularised logistic regression by Newton's
+    method on standardised features; returns weights for the raw features."""
+    mu, sd = x.mean(0), x.std(0) + 1e-12
+    z = np.c_[(x - mu) / sd, np.ones(len(x))]
+    w = np.zeros(z.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-z @ w))
+        grad = z.T @ (p - y) / len(y) + l2 * np.r_[w[:-1], 0]
+        hess = (z * (p * (1 - p))[:, None]).T @ z / len(y) + l2 * np.diag(np.r_[np.ones(len(w) - 1), 0])
+        w = w - np.linalg.solve(hess, grad)
+    return np.r_[w[:-1] / sd, w[-1] - (w[:-1] * mu / sd).sum()]
+
+
+def realtime_scores(d: D.Data, threshold: float, demo_likes: np.ndarray, demo_n: np.ndarray,
+                    train: np.ndarray) -> dict:
+    """{control: score of every interaction} from what was known strictly before it. demo_likes /
+    demo_n: likes among and number of the user's K latest earlier answers (RecICL's
+    demonstrations); train: mask of the interactions the logistic regression is fitted on."""
+    y = (d.ratings >= threshold).astype(np.float64)
+    c = causal_counts(d, y)
+    user, item = log_odds(c["user_likes"], c["user_n"]), log_odds(c["item_likes"], c["item_n"])
+    x = np.c_[user, item, log_odds(demo_likes, demo_n, 0.5), np.log1p(c["user_n"]), np.log1p(c["item_n"])]
+    w = fit_logreg(x[train], y[train])
+    return {"UserLikeRate": user, "ItemLikeRate (t)": item, "LogReg": x @ w[:-1] + w[-1]}
 
 
 def run_binary(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> list[dict]:

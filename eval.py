@@ -10,23 +10,19 @@
                  valid when exactly one candidate is named
   hr1_generated  hits / all rows (LLaRA's published definition) and hits / valid rows
   bootstrap_ci   percentile interval of a statistic over rows resampled with replacement
+  paired_diff_ci mean over strata (test periods) of stat(method A) - stat(method B) on the same
+                 rows, with a percentile interval from resampling clusters (users) within each
+                 stratum, the same draw for both methods (a paired bootstrap)
 """
 import numpy as np
 
 
 def _avg_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    """1-based ranks with ties given their average rank: a group of c equal values that ends at
+    rank r (counting up) has ranks r - c + 1 .. r, average r - (c - 1) / 2."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return (last - (counts - 1) / 2)[inverse].astype(np.float64)
 
 
 def auc(labels, scores) -> float:
@@ -93,3 +89,25 @@ def bootstrap_ci(stat, *arrays, n_boot: int = 1000, alpha: float = 0.05, seed: i
     if not vals:
         return float("nan"), float("nan")
     return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
+def paired_diff_ci(stat, y, a, b, strata: list, n_boot: int = 1000, alpha: float = 0.05,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """(point, lo, hi) of the mean over strata of stat(y, a) - stat(y, b). strata: one list per
+    stratum of index arrays into y / a / b, one array per cluster; a bootstrap draw resamples
+    each stratum's clusters with replacement. Draws where a stat is undefined (NaN) are skipped."""
+    y, a, b = np.asarray(y), np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+
+    def diff(groups):
+        return float(np.mean([stat(y[ix], a[ix]) - stat(y[ix], b[ix]) for ix in groups]))
+
+    point = diff([np.concatenate(clusters) for clusters in strata])
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        v = diff([np.concatenate([cl[k] for k in rng.integers(0, len(cl), len(cl))]) for cl in strata])
+        if not np.isnan(v):
+            vals.append(v)
+    if not vals:
+        return point, float("nan"), float("nan")
+    return point, float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))

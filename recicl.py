@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ class Prompter:
     def __init__(self, d: D.Data, samples: list, tok: M.Tokenizer, k_demos: int, demo_history: int, max_len: int):
         self.d, self.samples, self.tok = d, samples, tok
         self.k, self.demo_history, self.max_len = k_demos, demo_history, max_len
+        self._rendered = {}              # (sample index, budget) -> render()
 
     def titles(self, items):
         return [self.d.titles[i] for i in items]
@@ -87,9 +89,12 @@ class Prompter:
 
     def render(self, s: D.Sample) -> tuple[str, list]:
         """(text, demonstration samples kept) for sample s."""
-        demos = [self.samples[j] for j in s.demos[-self.k:]] if self.k else []
-        text, kept, _ = self.fit(demos, s.history, self.d.titles[s.item])
-        return text, kept
+        key = s.idx, self.max_len
+        if key not in self._rendered:
+            demos = [self.samples[j] for j in s.demos[-self.k:]] if self.k else []
+            text, kept, _ = self.fit(demos, s.history, self.d.titles[s.item])
+            self._rendered[key] = text, kept
+        return self._rendered[key]
 
     def ids(self, s: D.Sample) -> list:
         return self.tok.encode(self.render(s)[0])
@@ -231,35 +236,103 @@ def cmd_train(a):
 
 # ----------------------------------------------------------------------------- eval
 
-def eval_rows(samples, a):
-    """The same fixed random subset of each test period for every method."""
-    rng = random.Random(a.seed + 1)
+# (name, adapter run or None for the base model, whether the prompt shows the K demonstrations).
+# Base and no-demo models given demonstrations at test time are the paper's motivating rows: a
+# model tuned without ICL-format samples loses the ability to use demonstrations.
+LLM_METHODS = [("zero-shot (base)", None, False), ("base + ICL", None, True),
+               ("TALLRec (no-demo tuned)", "nodemo", False), ("TALLRec + ICL", "nodemo", True),
+               ("RecICL", "icl", True)]
+
+
+def eval_rows(samples, test_periods, n_rows: int, rows_per_user: int, seed: int) -> dict:
+    """period -> the rows every method is scored on. Users active in the period are drawn at
+    random, each with up to `rows_per_user` of their rows there (drawn at random), until n_rows
+    rows; n_rows 0 = every row of the period. Whole users, not scattered rows, so that UAUC (the
+    mean of per-user AUCs) averages users with several answers each."""
+    rng = random.Random(seed + 1)
     out = {}
-    for p in range(a.train_periods, a.periods):
-        rows = [s for s in samples if s.period == p]
-        out[p] = sorted(rng.sample(rows, min(a.eval_samples, len(rows))), key=lambda s: s.idx) if a.eval_samples else rows
+    for p in test_periods:
+        by_user = defaultdict(list)
+        for s in samples:
+            if s.period == p:
+                by_user[s.user].append(s)
+        if not n_rows:
+            out[p] = [s for u in sorted(by_user) for s in by_user[u]]
+            continue
+        picked = []
+        for u in rng.sample(sorted(by_user), len(by_user)):
+            rs = by_user[u]
+            picked += rng.sample(rs, min(rows_per_user, len(rs), n_rows - len(picked)))
+            if len(picked) == n_rows:
+                break
+        out[p] = sorted(picked, key=lambda s: s.idx)
     return out
 
 
-def metrics(rows, scores):
+def user_clusters(rows) -> list:
+    """Index arrays of `rows`, one per user (the bootstrap's resampling unit)."""
+    by_user = defaultdict(list)
+    for k, s in enumerate(rows):
+        by_user[s.user].append(k)
+    return [np.array(v) for v in by_user.values()]
+
+
+def period_metrics(rows, scores, demos_shown=None) -> dict:
     y = np.array([s.label for s in rows])
     u = np.array([s.user for s in rows])
-    lo, hi = E.bootstrap_ci(E.auc, y, scores, n_boot=300)
-    return {"auc": round(E.auc(y, scores), 4), "uauc": round(E.uauc(u, y, scores), 4), "n": len(rows),
-            "auc_ci95": [round(lo, 4), round(hi, 4)]}
+    both = [x for x in np.unique(u) if 0 < y[u == x].sum() < (u == x).sum()]
+    out = {"auc": round(E.auc(y, scores), 4), "uauc": round(E.uauc(u, y, scores), 4), "uauc_users": len(both),
+           "n": len(rows), "users": len(np.unique(u))}
+    if demos_shown is not None:
+        out["demos_shown"] = round(float(np.mean(demos_shown)), 3)
+    return out
+
+
+def control_scores(d, samples, rows: dict, prompter: Prompter, a, log) -> dict:
+    """{control: {period: scores of its rows}}, every score from what was known before the row's
+    time: the demonstrations' like rate (the share of Yes among the demonstrations the RecICL
+    prompt shows), baselines.realtime_scores, and the classical models frozen after D0..D4."""
+    import baselines
+    y = np.array([s.label for s in samples], dtype=np.float64)
+    demo_likes = np.array([y[s.demos[-a.demos:]].sum() if a.demos and s.demos else 0.0 for s in samples])
+    demo_n = np.array([min(len(s.demos), a.demos) for s in samples], dtype=np.float64)
+    train = np.array([s.period < a.train_periods for s in samples])
+    per_item = baselines.realtime_scores(d, a.threshold, demo_likes, demo_n, train)
+    per_item.update(baselines.binary_scores(d, a.periods, a.train_periods, a.threshold, a.seed, log))
+    out = {"DemoLikeRate": {}}
+    for p, rs in rows.items():
+        shown = [prompter.render(s)[1] for s in rs]
+        out["DemoLikeRate"][p] = np.array([(sum(x.label for x in k) + 0.5) / (len(k) + 1) for k in shown])
+    for name, sc in per_item.items():
+        out[name] = {p: sc[[s.idx for s in rs]] for p, rs in rows.items()}
+    return out
+
+
+def paired_to_best(rows: dict, llm: dict, controls: dict) -> tuple[str, dict]:
+    """The control of highest mean AUC on these rows, and for each LLM method the mean over
+    periods of its AUC minus that control's, with a 95% interval from resampling users."""
+    mean_auc = {c: np.mean([E.auc([s.label for s in rs], sc[p]) for p, rs in rows.items()]) for c, sc in controls.items()}
+    best = max(mean_auc, key=lambda c: mean_auc[c])
+    order = list(rows)
+    y = np.concatenate([[s.label for s in rows[p]] for p in order])
+    offsets = np.cumsum([0] + [len(rows[p]) for p in order])
+    strata = [[ix + offsets[k] for ix in user_clusters(rows[p])] for k, p in enumerate(order)]
+    ctrl = np.concatenate([controls[best][p] for p in order])
+    out = {}
+    for name, sc in llm.items():
+        point, lo, hi = E.paired_diff_ci(E.auc, y, np.concatenate([sc[p] for p in order]), ctrl, strata, n_boot=1000)
+        out[name] = {"vs": best, "diff": round(point, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return best, out
 
 
 def cmd_eval(a):
-    import baselines
     t0 = time.time()
     d, samples, model, tok, ans, _ = setup(a, log_fn)
-    rows = eval_rows(samples, a)
-    results = []
+    rows = eval_rows(samples, range(a.train_periods, a.periods), a.eval_samples, a.rows_per_user, a.seed)
     prompters = {k: Prompter(d, samples, tok, k, a.demo_history, a.max_len) for k in (0, a.demos)}
-    methods = [("zero-shot", None, 0)] + ([("base+ICL", None, a.demos)] if a.base_icl else []) + \
-              [("TALLRec (no-demo tuned)", "nodemo", 0), ("RecICL", "icl", a.demos)]
-    for name, adapter, k in methods:
-        m = model                                          # the base model, no adapter
+    llm, shown = {}, {}
+    for name, adapter, icl in LLM_METHODS:
+        m, prompter = model, prompters[a.demos if icl else 0]
         if adapter is not None:
             path = os.path.join(a.out, adapter, "best")
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
@@ -267,57 +340,78 @@ def cmd_eval(a):
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
             m = tuned_model(a, path)
+        llm[name] = {}
         for p, rs in rows.items():
             log_fn(f"[recicl] {name} on D{p} ({len(rs)} rows, {time.time() - t0:.0f}s so far)")
-            results.append({"method": name, "period": f"D{p}", **metrics(rs, score(m, prompters[k], rs, ans, a.score_batch))})
-    if a.update:
-        results += updated_models(a, d, samples, prompters[a.demos], ans, rows, results, t0)
-    base = baselines.binary_scores(d, a.periods, a.train_periods, a.threshold, a.seed, log_fn)
-    for name, s in base.items():
+            llm[name][p] = score(m, prompter, rs, ans, a.score_batch)
+        shown[name] = {p: [len(prompter.render(s)[1]) for s in rs] for p, rs in rows.items()}
+    if a.update and "RecICL" in llm:
+        llm.update(updated_models(a, d, samples, prompters[a.demos], ans, rows, t0))
+    controls = control_scores(d, samples, rows, prompters[a.demos], a, log_fn)
+    best, diffs = paired_to_best(rows, {k: v for k, v in llm.items() if k != UPDATED}, controls)
+    results = []
+    for name, sc in list(llm.items()) + list(controls.items()):
         for p, rs in rows.items():
-            results.append({"method": name, "period": f"D{p}", **metrics(rs, s[[r.idx for r in rs]])})
-    report(results, a, time.time() - t0)
+            if p in sc:
+                results.append({"method": name, "kind": "llm" if name in llm else "control", "period": f"D{p}",
+                                **period_metrics(rs, sc[p], shown.get(name, {}).get(p))})
+    report(results, diffs, best, a, time.time() - t0)
 
 
 PDM_DEFINITION = ("PDM = mean over test periods t = D(T+1)..D(P-1) of [AUC on Dt of a RecICL adapter tuned "
                   "through D(t-1)] - [AUC on Dt of the RecICL adapter tuned through D(T-1) = D4], where T is "
                   "--train-periods. Both adapters use the same training settings and the same rows of Dt. "
                   "Near 0: updating the model brings little; RecICL's demonstrations carry the new feedback.")
+UPDATED = "RecICL updated through D(t-1)"
 
 
-def updated_models(a, d, samples, prompter, ans, rows, results, t0) -> list:
-    """For each test period t after the first: tune through D(t-1) (or reuse OUT/update/through_D(t-1))
-    and score Dt's rows; then the PDM row."""
-    out, gains = [], []
+def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
+    """{UPDATED: {period: scores}}: for each test period t after the first, an adapter tuned
+    through D(t-1) (or reused from OUT/update/through_D(t-1)) scores Dt's rows."""
+    out = {}
     for p in list(rows)[1:]:
         out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
         if not os.path.exists(os.path.join(out_dir, "best", "adapter_config.json")):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
             train_adapter(a, d, samples, M.load(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
         m = tuned_model(a, os.path.join(out_dir, "best"))      # the best adapter, not the last step
-        row = {"method": "RecICL updated through D(t-1)", "period": f"D{p}", **metrics(rows[p], score(m, prompter, rows[p], ans, a.score_batch))}
-        frozen = next((r for r in results if r["method"] == "RecICL" and r["period"] == f"D{p}"), None)
-        if frozen is not None:
-            gains.append(row["auc"] - frozen["auc"])
-        out.append(row)
-    if gains:
-        out.append({"method": "PDM", "period": "mean", "pdm": round(float(np.mean(gains)), 4),
-                    "per_period": [round(g, 4) for g in gains], "definition": PDM_DEFINITION})
-    return out
+        out[p] = score(m, prompter, rows[p], ans, a.score_batch)
+    return {UPDATED: out}
 
 
-def report(results, a, elapsed):
+def report(results, diffs, best, a, elapsed):
     periods = [f"D{p}" for p in range(a.train_periods, a.periods)]
-    print(f"{'method':<26}" + "".join(f"{p:>8}" for p in periods) + "    mean   (AUC)")
-    for name in dict.fromkeys(r["method"] for r in results if "auc" in r):
-        aucs = [next((r["auc"] for r in results if r["method"] == name and r["period"] == p), float("nan")) for p in periods]
-        print(f"{name:<26}" + "".join(f"{x:>8.4f}" for x in aucs) + f"  {np.nanmean(aucs):>6.4f}")
-    for r in results:
-        if r["method"] == "PDM":
-            print(f"PDM = {r['pdm']:+.4f} (per period {r['per_period']}). {r['definition']}")
+    print(f"{'method':<26}" + "".join(f"{p:>7}" for p in periods) + f"{'AUC':>7}{'UAUC':>7}{'users':>6}{'demos':>6}"
+          f"   AUC - {best} (best control), 95% CI")
+    summary = []
+    for name in dict.fromkeys(r["method"] for r in results):
+        mine = {r["period"]: r for r in results if r["method"] == name}
+        aucs = [mine[p]["auc"] if p in mine else float("nan") for p in periods]
+        row = {"method": name, "kind": next(iter(mine.values()))["kind"], "mean_auc": round(float(np.nanmean(aucs)), 4),
+               "mean_uauc": round(float(np.nanmean([r["uauc"] for r in mine.values()])), 4),
+               "mean_uauc_users": round(float(np.mean([r["uauc_users"] for r in mine.values()])), 1)}
+        if "demos_shown" in next(iter(mine.values())):
+            row["mean_demos_shown"] = round(float(np.mean([r["demos_shown"] for r in mine.values()])), 3)
+        if name in diffs:
+            row["vs_best_control"] = diffs[name]
+        summary.append(row)
+        d = diffs.get(name)
+        print(f"{name:<26}" + "".join(f"{x:>7.3f}" for x in aucs) + f"{row['mean_auc']:>7.3f}{row['mean_uauc']:>7.3f}"
+              f"{row['mean_uauc_users']:>6.1f}{row.get('mean_demos_shown', float('nan')):>6.2f}"
+              + (f"   {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else ""))
+    print("AUC per period and mean; UAUC: mean over periods of the mean per-user AUC, over the users ('users', per "
+          "period) whose rows hold both classes; demos: mean demonstrations shown per prompt.")
+    if any(r["method"] == UPDATED for r in results):
+        gains = [next(r["auc"] for r in results if r["method"] == UPDATED and r["period"] == p) -
+                 next(r["auc"] for r in results if r["method"] == "RecICL" and r["period"] == p)
+                 for p in periods[1:]]
+        summary.append({"method": "PDM", "pdm": round(float(np.mean(gains)), 4),
+                        "per_period": [round(g, 4) for g in gains], "definition": PDM_DEFINITION})
+        print(f"PDM = {summary[-1]['pdm']:+.4f} (per period {summary[-1]['per_period']}). {PDM_DEFINITION}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
-    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "rows": results}, path)
+    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "best_control": best, "summary": summary,
+                  "rows": results}, path)
     log_fn(f"[recicl] wrote {path} ({elapsed:.0f}s)")
 
 
@@ -385,14 +479,15 @@ def main(argv=None):
     t = sub.add_parser("train", help="tune a LoRA adapter on ICL-format samples of the training periods")
     add_common(t)
     add_train_args(t)
-    e = sub.add_parser("eval", help="AUC/UAUC per test period for zero-shot, base+ICL, no-demo tuned, RecICL, baselines")
+    e = sub.add_parser("eval", help="AUC/UAUC per test period: base and tuned models with and without demonstrations, "
+                       "beside real-time and classical controls on the same rows")
     add_common(e)
-    e.add_argument("--eval-samples", type=int, default=150, help="rows per test period (0 = all)")
+    e.add_argument("--eval-samples", type=int, default=150, help="rows per test period, from whole users (0 = all)")
+    e.add_argument("--rows-per-user", type=int, default=10, help="at most this many rows of each drawn user")
     add_train_args(e)
     e.add_argument("--score-batch", type=int, default=8, help="prompts per forward when scoring")
     e.add_argument("--update", action="store_true", help="also tune adapters through D(t-1) for each test period t "
                    "and report PDM (slow: one training run per period)")
-    e.add_argument("--base-icl", action="store_true", help="also score the untuned base model with demonstrations")
     r = sub.add_parser("recommend", help="rank candidate items for a user with their latest feedback in the prompt")
     add_common(r)
     r.add_argument("--user", required=True, help="user id as in the dataset")

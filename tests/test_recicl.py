@@ -1,5 +1,6 @@
 """recicl.py end to end on a tiny random model and a tiny dataset, plus its prompt rules,
 answer-token check and shared-prefix scoring."""
+import argparse
 import json
 import os
 
@@ -44,15 +45,20 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     for run in ("icl", "nodemo"):
         assert os.path.exists(os.path.join(out, run, "best", "adapter_model.safetensors"))
         assert json.load(open(os.path.join(out, run, "config.json")))["method"] == "recicl"
-    R.main(["eval", "--eval-samples", "12", "--update"] + small + common(model, ds, out))
+    R.main(["eval", "--eval-samples", "12", "--rows-per-user", "4", "--update"] + small + common(model, ds, out))
     res = json.load(open(os.path.join(out, "results.json")))
     methods = {r["method"] for r in res["rows"]}
-    assert {"zero-shot", "TALLRec (no-demo tuned)", "RecICL", "MF", "Pop", "RecICL updated through D(t-1)"} <= methods
-    auc_rows = [r for r in res["rows"] if "auc" in r]
+    llm = {name for name, _, _ in R.LLM_METHODS} | {R.UPDATED}
+    controls = {"DemoLikeRate", "UserLikeRate", "ItemLikeRate (t)", "LogReg", "MF", "Pop", "ItemLikeRate"}
+    assert llm | controls == methods
+    auc_rows = [r for r in res["rows"] if r["method"] != R.UPDATED]
     assert {r["period"] for r in auc_rows} == {"D5", "D6", "D7", "D8", "D9"}
-    assert all(r["n"] == 12 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
-    pdm = next(r for r in res["rows"] if r["method"] == "PDM")
-    assert len(pdm["per_period"]) == 4 and "definition" in pdm
+    assert all(r["n"] == 12 and r["users"] >= 3 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
+    assert all(0 <= r["demos_shown"] <= 4 for r in auc_rows if r["method"] in ("RecICL", "base + ICL"))
+    summary = {r["method"]: r for r in res["summary"]}
+    assert summary["RecICL"]["vs_best_control"]["vs"] == res["best_control"] in controls
+    assert "vs_best_control" not in summary["LogReg"]
+    assert len(summary["PDM"]["per_period"]) == 4 and "definition" in summary["PDM"]
     assert os.path.exists(os.path.join(out, "update", "through_D8", "best", "adapter_model.safetensors"))
     capsys.readouterr()
     R.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6"] + common(model, ds, out))
@@ -160,3 +166,36 @@ def test_yes_no_logits_of_a_padded_batch_match_transformers(tmp_path):
             ref = hf(torch.tensor([p])).logits[0, -1, ans]
             assert torch.allclose(ours[b], ref, atol=1e-4, rtol=0), b
     assert ours.shape == (3, 2) and (ours[:, 0] - ours[:, 1]).abs().max() > 1e-3
+
+
+def test_eval_rows_are_whole_users_with_a_row_cap(setup_dirs):
+    _, ds, _ = setup_dirs
+    d = D.load(ds, verbose=False)
+    samples = D.recicl_samples(d, k_demos=4)
+    rows = R.eval_rows(samples, range(5, 10), n_rows=10, rows_per_user=3, seed=0)
+    assert rows == R.eval_rows(samples, range(5, 10), n_rows=10, rows_per_user=3, seed=0)
+    for p, rs in rows.items():
+        assert len(rs) == 10 and all(s.period == p for s in rs) and len({s.idx for s in rs}) == 10
+        per_user = {u: sum(s.user == u for s in rs) for u in {s.user for s in rs}}
+        assert max(per_user.values()) <= 3
+        # every drawn user but the last gives min(3, its rows in the period)
+        full = [u for u, c in per_user.items() if c < min(3, sum(s.user == u and s.period == p for s in samples))]
+        assert len(full) <= 1
+    every = R.eval_rows(samples, range(5, 10), n_rows=0, rows_per_user=3, seed=0)
+    assert sorted(s.idx for s in every[7]) == [s.idx for s in samples if s.period == 7]
+
+
+def test_demo_like_rate_reads_the_demonstrations_the_prompt_shows(setup_dirs):
+    model, ds, _ = setup_dirs
+    d, samples, tok, pr = tiny_prompter(model, ds, max_len=100_000)
+    s = next(x for x in samples if len(x.demos) == 4 and len(x.history) >= 1 and x.period >= 5)
+    pr.max_len = len(tok.encode(pr.render(s)[0])) - 1     # the query's history goes first: all demos stay
+    assert len(pr.render(s)[1]) == 4
+    no_history = R.block([], d.titles[s.item])
+    pr.max_len = len(tok.encode(R.SYSTEM + "".join(pr.demo_text(samples[j]) for j in s.demos[2:]) + no_history))
+    kept = pr.render(s)[1]
+    assert [x.idx for x in kept] == s.demos[2:]
+    a = argparse.Namespace(demos=4, threshold=4.0, periods=10, train_periods=5, seed=0)
+    ctrl = R.control_scores(d, samples, {s.period: [s]}, pr, a, log=lambda m: None)
+    likes = sum(x.label for x in kept)
+    assert ctrl["DemoLikeRate"][s.period][0] == pytest.approx((likes + 0.5) / 3)
