@@ -1,6 +1,6 @@
 """AdaptRec: sequential recommendation with demonstrations from similar users (arXiv 2504.08786).
 
-    python adaptrec.py train                  # LoRA-tune on prompts with M = 5 selected demonstrations
+    python adaptrec.py train                  # one LoRA adapter per configuration: M = 0, and M = 5 chosen by the LLM
     python adaptrec.py eval                   # generation HR@1 / ValidRatio, likelihood HR@k / NDCG@5
     python adaptrec.py recommend --user 42    # retrieved users, selected demonstrations, answer
 
@@ -8,20 +8,21 @@ Task (LLaRA's setting, see ../shared/notes/adaptrec.md): given a user's last <= 
 the next one among 20 candidates (the true item and 19 the user never touched, fixed per row
 by data.sequential_rows).
 
-Stage 1, user similarity retrieval. Every user sequence becomes one vector: its titles joined
-into one string, run through the base LLM, final hidden states mean-pooled over the tokens.
-The pool holds one unit per user: the end of the user's training part (every interaction but
-the last two, which are the valid and test targets), shown as "history -> chose X next". A
-query at time t may only retrieve units that end strictly before t (nothing at or after the
-query's time, and no valid or test item of anyone), never its own user. Top N (10) by cosine,
-computed by chunked matrix products with a running top-N, so memory is bounded by the chunk
-sizes, not the number of users. Vectors are cached on disk per model.
+Stage 1, user similarity retrieval. A query is the row's history at its time t; the pool holds
+every other user's interactions strictly before t (their training part, never their valid or
+test item), cut there: a "unit", shown as "history -> chose X next". Each title is run through
+the base LLM alone and its final hidden states mean-pooled; a sequence's vector is the mean of
+its last 10 titles' vectors (the paper embeds the joined titles at once; per-title vectors give
+every user's vector at any cut time from prefix sums, so the cut is exact and costs nothing).
+Top N (10) other users by cosine, among those with at least 4 items before t. Title vectors are
+cached on disk per model.
 
 Stage 2, self-adaptive selection. The base LLM reads the target history and one retrieved
 history and is asked for a similarity from 1 to 9; instead of parsing text we read its
 distribution over the nine digit tokens and take the expected rating. The M (5) best are kept,
 ties in stage-1 order. Each user pair is one continuation of a shared prefix (the target's
-history), all N in one batch. Judgements are cached on disk per row. `--select embed` keeps
+history), all N in one batch. Judgements are cached on disk per row, model, data and prompt
+templates (prompt_key). `--select embed` keeps
 the stage-1 order, `--select random` draws M eligible users at random (the "no retrieval"
 ablation). The judge is the untuned base model (the public code refreshes it from the adapter
 in training; we keep it fixed so that train and eval see the same selections).
@@ -33,19 +34,24 @@ and the candidates, then "Answer:". LoRA is tuned on ' "<true title>"' + end-of-
 the loss on those tokens only. Eval: greedy generation (at most 64 new tokens, first line),
 ValidRatio (the line names exactly one candidate) and HR@1 = hits over ALL rows; and a ranking
 of the 20 candidates by the model's log-probability of ' "<title>"' + EOS after the prompt
-(one shared prefix, model.continuation_logprobs): HR@1, HR@5, NDCG@5, ties against the target.
+(one shared prefix, model.logprobs_after): HR@1, HR@5, NDCG@5, ties against the target.
 
-CPU defaults (2 cores, SmolLM2-135M; train + eval within 30 minutes together, measured in the
-README): 64 training rows for 1 epoch (16 steps of 4, lr 1e-3; in the earlier 2-epoch run the
-loss had flattened by step 15), LoRA r 16 on q/v, demonstrations that show 3 history items, the
-judge shown each retrieved user's last 5 items, 80 test rows, configurations M = 0 and M = 5
-with llm / embed / random selection. Where the time goes, per row on that machine: a ~700-token
-prompt prefill 1.3 s, ranking 20 candidates 1.1 s, generation 0.3 s, a stage-2 judgement 1.7 s;
-plus 3.3 min for the pool's vectors (first run only) and 2.5 min for SASRec.
-Flags take every part to the paper's size (--train-rows 0, --demo-history 10,
---lora-targets with all seven projections, --eval-rows 0, --configs with M = 1, 3, 7).
+Every configuration (M, selection) is its own adapter, tuned with the same settings on the same
+rows: `train --configs 0,5:llm` (the default) tunes OUT/m0 and OUT/m5-llm, and `eval --configs`
+evaluates each with its own. Eval sets them beside controls on the same rows: Pop (t) (items
+taken by anyone before the row's time), DemoVote (candidates ranked by how many of the shown
+demonstrations hold them, ties by Pop (t)), TitlePrior (the base model's log p of each title
+with no user in the prompt), and the leave-one-out Pop and SASRec; each LLM row gets its ranked
+HR@1 and NDCG@5 minus the best control's, with a paired bootstrap interval.
+
+CPU defaults (2 cores, SmolLM2-135M): 64 training rows for 1 epoch (16 steps of 4, lr 1e-3),
+LoRA r 16 on q/v, demonstrations that show 3 history items, the judge shown each retrieved
+user's last 5 items, 80 test rows. Flags take every part to the paper's size (--train-rows 0,
+--demo-history 10, --lora-targets with all seven projections, --eval-rows 0, --configs with
+M = 1, 3, 7).
 """
 import argparse
+import bisect
 import hashlib
 import json
 import os
@@ -80,26 +86,34 @@ def log_fn(s):
 
 @dataclass
 class Pool:
-    """One retrievable unit per user: the end of the user's training part."""
+    """Every user's training part (all interactions but the last two, which are the valid and
+    test targets), oldest first. A unit (p, end) is pool user p's first `end` items: a
+    demonstration shows it as "history -> chose items[end - 1] next". Retrieval for a query at
+    time t takes from each other user the unit of everything that user did strictly before t."""
     users: np.ndarray    # (U,) user index
-    items: list          # U lists of item indices, oldest first; the last one is "what they chose next"
-    end_ts: np.ndarray   # (U,) time of the last item (every item of the unit is at or before it)
+    items: list          # U lists of item indices, oldest first
+    ts: list             # U lists of their timestamps
+
+    def ends_before(self, t: int) -> np.ndarray:
+        """(U,) for each pool user, how many of their items are strictly before time t."""
+        return np.array([bisect.bisect_left(ts, t) for ts in self.ts], dtype=np.int64)
+
+    def unit(self, unit: tuple) -> list:
+        p, end = unit
+        return self.items[p][:end]
 
 
-def build_pool(d: D.Data, max_items: int = 11, min_items: int = 4) -> Pool:
-    """Each user's interactions without the last two (valid and test targets), cut to the last
-    `max_items`; users with fewer than `min_items` there are left out."""
+def build_pool(d: D.Data) -> Pool:
     seqs = defaultdict(list)
     for j in range(len(d)):                         # d is in time order
         seqs[int(d.users[j])].append(j)
-    users, items, end = [], [], []
+    users, items, ts = [], [], []
     for u, js in sorted(seqs.items()):
-        part = js[:-2][-max_items:]
-        if len(part) >= min_items:
+        if len(js) > 2:
             users.append(u)
-            items.append([int(d.items[j]) for j in part])
-            end.append(int(d.ts[part[-1]]))
-    return Pool(np.array(users, dtype=np.int64), items, np.array(end, dtype=np.int64))
+            items.append([int(d.items[j]) for j in js[:-2]])
+            ts.append([int(d.ts[j]) for j in js[:-2]])
+    return Pool(np.array(users, dtype=np.int64), items, ts)
 
 
 def row_key(r: D.SeqRow) -> str:
@@ -135,7 +149,7 @@ def embed_texts(model: M.Llama, tok: M.Tokenizer, texts: list, batch_size: int =
         w = valid[..., None].float()
         out[chunk] = ((h * w).sum(1) / w.sum(1)).cpu()
         if log and n % 20 == 0:
-            log(f"[adaptrec] embedded {min(s + batch_size, len(ids))}/{len(ids)} sequences ({time.time() - t0:.0f}s)")
+            log(f"[adaptrec] embedded {min(s + batch_size, len(ids))}/{len(ids)} texts ({time.time() - t0:.0f}s)")
     return out
 
 
@@ -156,7 +170,7 @@ class VectorCache:
         missing = list(dict.fromkeys(t for t in texts if t not in self.vecs))
         if missing:
             if log:
-                log(f"[adaptrec] stage 1: embedding {len(missing)} sequences ({len(texts) - len(missing)} cached)")
+                log(f"[adaptrec] stage 1: embedding {len(missing)} texts ({len(texts) - len(missing)} cached)")
             self.vecs.update(zip(missing, embed_texts(model, tok, missing, log=log)))
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             T.atomic_torch_save({"model": self.key, "texts": list(self.vecs), "vecs": torch.stack(list(self.vecs.values()))},
@@ -164,51 +178,53 @@ class VectorCache:
         return torch.stack([self.vecs[t] for t in texts]) if texts else torch.zeros(0, model.args.dim)
 
 
-def cosine_top_n(queries: torch.Tensor, keys: torch.Tensor, n: int, query_users, key_users, query_ts, key_end_ts,
-                 q_chunk: int = 1024, k_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each query, the n keys of highest cosine similarity among the allowed ones: a key is
-    allowed iff it belongs to another user and ends strictly before the query's time.
-    queries (Q, D), keys (K, D); returns (Q, n) key indices (-1 where fewer are allowed) and
-    similarities, best first. Memory: one (q_chunk, k_chunk) block at a time."""
-    q = torch.nn.functional.normalize(queries.float(), dim=1)
-    k = torch.nn.functional.normalize(keys.float(), dim=1)
-    qu, qt = torch.as_tensor(query_users), torch.as_tensor(query_ts)
-    ku, kt = torch.as_tensor(key_users), torch.as_tensor(key_end_ts)
-    idx_out = torch.full((len(q), n), -1, dtype=torch.long)
-    sim_out = torch.full((len(q), n), -float("inf"))
-    for qs in range(0, len(q), q_chunk):
-        best_s = torch.full((min(q_chunk, len(q) - qs), n), -float("inf"))
-        best_i = torch.full_like(best_s, -1, dtype=torch.long)
-        for ks in range(0, len(k), k_chunk):
-            s = q[qs:qs + q_chunk] @ k[ks:ks + k_chunk].T                                  # (qc, kc)
-            banned = (ku[None, ks:ks + k_chunk] == qu[qs:qs + q_chunk, None]) | \
-                     (kt[None, ks:ks + k_chunk] >= qt[qs:qs + q_chunk, None])
-            s = s.masked_fill(banned, -float("inf"))
-            cand_s = torch.cat([best_s, s], 1)
-            cand_i = torch.cat([best_i, torch.arange(ks, ks + s.shape[1]).expand(len(s), -1)], 1)
-            best_s, top = cand_s.topk(n, dim=1)
-            best_i = cand_i.gather(1, top)
-        best_i[best_s == -float("inf")] = -1
-        idx_out[qs:qs + q_chunk], sim_out[qs:qs + q_chunk] = best_i, best_s
-    return idx_out, sim_out
+def top_n_allowed(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, n: int) -> list:
+    """[(key index, cosine)] of the n allowed keys most similar to query (D,), best first; keys
+    (K, D), allowed (K,) bool. Fewer than n when fewer are allowed."""
+    sim = torch.nn.functional.normalize(keys.float(), dim=1) @ torch.nn.functional.normalize(query.float(), dim=0)
+    sim = sim.masked_fill(~allowed, -float("inf"))
+    best, idx = sim.topk(min(n, len(sim)))
+    return [(int(i), float(v)) for i, v in zip(idx, best) if v > -float("inf")]
 
 
 class Retriever:
-    """Stage 1 for a set of rows: pool vectors (cached), query vectors, top-N per row."""
+    """Stage 1. A sequence's vector is the mean of its titles' vectors, each title run through
+    the base LLM alone (embed_texts; cached on disk). The paper embeds the joined titles at once;
+    per-title vectors make a user's vector at any cut time a window mean of prefix sums, so each
+    query compares against every other user's last `window` items strictly before its time,
+    exactly, without embedding a new text per query."""
 
-    def __init__(self, d, pool, model, tok, cache: VectorCache, n: int, log=None):
-        self.d, self.pool, self.n = d, pool, n
-        self.model, self.tok, self.cache, self.log = model, tok, cache, log
-        self.keys = cache.get(model, tok, [seq_text(d, it[-10:]) for it in pool.items], log)
+    def __init__(self, d, pool: Pool, model, tok, cache: VectorCache, n: int, window: int = 10,
+                 min_items: int = 4, log=None):
+        self.d, self.pool, self.n, self.window, self.min_items = d, pool, n, window, min_items
+        self.item_vecs = cache.get(model, tok, [D.quote(t) for t in d.titles], log)            # (I, D)
+        # all users' prefix sums in one flat tensor: user p's sum of its first e items is row offset[p] + e
+        lens = [len(it) for it in pool.items]
+        self.offset = torch.tensor(np.r_[0, np.cumsum([x + 1 for x in lens])[:-1]], dtype=torch.long)
+        self.prefix = torch.cat([torch.cat([torch.zeros(1, self.item_vecs.shape[1]), self.item_vecs[it].cumsum(0)])
+                                 for it in pool.items])
+
+    def unit_vectors(self, ends: np.ndarray) -> torch.Tensor:
+        """(U, D): each pool user's mean item vector over their last `window` items before `end`."""
+        e = torch.as_tensor(ends)
+        s = (e - self.window).clamp(min=0)
+        return (self.prefix[self.offset + e] - self.prefix[self.offset + s]) / (e - s).clamp(min=1)[:, None]
+
+    def allowed(self, r: D.SeqRow) -> tuple[np.ndarray, np.ndarray]:
+        """(ends before the row's time, mask of pool users it may retrieve: not itself, and at
+        least min_items items before its time)."""
+        ends = self.pool.ends_before(r.ts)
+        return ends, (ends >= self.min_items) & (self.pool.users != r.user)
 
     def retrieve(self, rows: list) -> dict:
-        """row_key -> [(pool index, cosine), ...] best first."""
-        if not rows:
-            return {}
-        qv = self.cache.get(self.model, self.tok, [seq_text(self.d, r.history) for r in rows], self.log)
-        idx, sim = cosine_top_n(qv, self.keys, min(self.n, len(self.keys)), [r.user for r in rows],
-                                self.pool.users, [r.ts for r in rows], self.pool.end_ts)
-        return {row_key(r): [(int(i), float(s)) for i, s in zip(idx[k], sim[k]) if i >= 0] for k, r in enumerate(rows)}
+        """row_key -> [((pool index, end), cosine), ...] best first."""
+        out = {}
+        for r in rows:
+            ends, ok = self.allowed(r)
+            q = self.item_vecs[r.history].mean(0)
+            out[row_key(r)] = [((p, int(ends[p])), sim)
+                               for p, sim in top_n_allowed(q, self.unit_vectors(ends), torch.from_numpy(ok), self.n)]
+        return out
 
 
 # ----------------------------------------------------------------------------- stage 2: selection
@@ -225,18 +241,34 @@ def rating_ids(tok: M.Tokenizer) -> tuple[list, list]:
     return lead, [t[-1] for t in tails]
 
 
+def judge_texts(history_titles: list, others_titles: list) -> tuple[str, list]:
+    """The judge's prompt: a prefix with user A, one continuation per user B."""
+    prefix = JUDGE_SYSTEM + f"User A has watched {D.quoted_list(history_titles)}.\n"
+    return prefix, [f"User B has watched {D.quoted_list(o)}.\n{JUDGE_QUESTION}" for o in others_titles]
+
+
+def prompt_key() -> str:
+    """A hash of the judge's and the recommender's prompts rendered on fixed stand-in inputs:
+    any change to a template changes it, so the caches of LLM outputs follow the prompts."""
+    prefix, conts = judge_texts(["A", "B"], [["C"], ["D", "E"]])
+    rec = Prompter.render_text([(["F"], "G")], ["H"], ["I", "J"])
+    return hashlib.sha1("\x00".join([prefix, *conts, rec]).encode()).hexdigest()[:8]
+
+
 @torch.no_grad()
 def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size: int = 16) -> list:
     """Expected similarity rating (1..9) of the target history against each other sequence."""
     lead, digit_ids = digits
-    prefix = tok.encode(JUDGE_SYSTEM + f"User A has watched {seq_text(d, history)}.\n")
-    conts = [tok.encode(f"User B has watched {seq_text(d, o)}.\n{JUDGE_QUESTION}", bos=False) + lead for o in others]
-    p = torch.softmax(M.next_token_logits(model, conts, prefix=prefix, batch_size=batch_size, vocab_ids=digit_ids), -1)
+    prefix, conts = judge_texts([d.titles[i] for i in history], [[d.titles[i] for i in o] for o in others])
+    conts = [tok.encode(c, bos=False) + lead for c in conts]
+    p = torch.softmax(M.next_token_logits(model, conts, prefix=tok.encode(prefix), batch_size=batch_size,
+                                          vocab_ids=digit_ids), -1)
     return (p @ torch.arange(1, 10, dtype=torch.float32)).tolist()
 
 
 class Selector:
-    """Stage 2 over stage 1's lists; the LLM's ratings are cached in a JSON file per model."""
+    """Stage 2 over stage 1's lists; the LLM's ratings are cached in a JSON file per model,
+    data and prompt (the key)."""
 
     def __init__(self, d, pool, model, tok, path: str, key: str, judge_history: int = 5, log=None):
         self.d, self.pool, self.model, self.tok, self.path, self.log = d, pool, model, tok, path, log
@@ -256,24 +288,25 @@ class Selector:
         T.write_json({"model": self.key, "rows": self.scores}, self.path)
 
     def rate(self, rows: list, retrieved: dict):
-        """Fill the LLM ratings of every row's retrieved users (pool indices), skipping cached ones."""
-        todo = [r for r in rows if self.scores.get(row_key(r), {}).get("pool") != [p for p, _ in retrieved[row_key(r)]]]
+        """Fill the LLM ratings of every row's retrieved units, skipping cached ones."""
+        units = {row_key(r): [list(u) for u, _ in retrieved[row_key(r)]] for r in rows}
+        todo = [r for r in rows if self.scores.get(row_key(r), {}).get("units") != units[row_key(r)]]
         t0 = time.time()
         for n, r in enumerate(todo):
-            pool_ix = [p for p, _ in retrieved[row_key(r)]]
-            others = [self.pool.items[p][-self.judge_history:] for p in pool_ix]
+            others = [self.pool.unit(u)[-self.judge_history:] for u in units[row_key(r)]]
             s = judge(self.model, self.tok, self.d, r.history, others, self.digits) if others else []
-            self.scores[row_key(r)] = {"pool": pool_ix, "rating": [round(x, 4) for x in s]}
+            self.scores[row_key(r)] = {"units": units[row_key(r)], "rating": [round(x, 4) for x in s]}
             if n % 20 == 19 or n == len(todo) - 1:
                 self.save()
                 if self.log:
                     self.log(f"[adaptrec] stage 2: judged {n + 1}/{len(todo)} rows ({time.time() - t0:.0f}s)")
 
-    def select(self, r: D.SeqRow, retrieved: dict, m: int, how: str, seed: int = 0) -> list:
-        """Pool indices of the m demonstrations of row r, most similar first."""
+    def select(self, r: D.SeqRow, retrieved: dict, m: int, how: str, seed: int = 0, allowed=None) -> list:
+        """Units (pool index, end) of the m demonstrations of row r, most similar first.
+        allowed: Retriever.allowed(r), needed by the random selection."""
         if m == 0:
             return []
-        ranked = [p for p, _ in retrieved[row_key(r)]]
+        ranked = [u for u, _ in retrieved[row_key(r)]]
         if how == "embed":
             return ranked[:m]
         if how == "llm":
@@ -281,9 +314,9 @@ class Selector:
             order = sorted(range(len(ranked)), key=lambda k: (-rating[k], k))   # ties: stage-1 order
             return [ranked[k] for k in order[:m]]
         if how == "random":
-            allowed = np.flatnonzero((self.pool.users != r.user) & (self.pool.end_ts < r.ts))
+            ends, ok = allowed
             rng = np.random.default_rng([seed, r.user, r.ts])
-            return [int(p) for p in rng.choice(allowed, min(m, len(allowed)), replace=False)]
+            return [(int(p), int(ends[p])) for p in rng.choice(np.flatnonzero(ok), min(m, int(ok.sum())), replace=False)]
         raise ValueError(f"unknown selection {how!r}; one of {SELECTIONS}")
 
     def disagreement(self, rows: list, retrieved: dict, m: int) -> dict:
@@ -303,7 +336,7 @@ def demo_line(k: int, history_titles: list, chosen: str) -> str:
 
 
 class Prompter:
-    """Renders a row with its demonstrations (pool indices, most similar first) within a budget."""
+    """Renders a row with its demonstrations (units, most similar first) within a budget."""
 
     def __init__(self, d: D.Data, pool: Pool, tok: M.Tokenizer, demo_history: int, max_len: int):
         self.d, self.pool, self.tok, self.demo_history, self.max_len = d, pool, tok, demo_history, max_len
@@ -311,13 +344,23 @@ class Prompter:
     def titles(self, items):
         return [self.d.titles[i] for i in items]
 
-    def text(self, demos: list, history: list, candidates: list) -> str:
-        """demos: pool indices in display order (user 1 first)."""
-        lines = [demo_line(k + 1, self.titles(self.pool.items[p][:-1][-self.demo_history:]), self.d.titles[self.pool.items[p][-1]])
-                 for k, p in enumerate(demos)]
-        query = (f"This user has watched {D.quoted_list(self.titles(history))}. Recommend one movie from these "
-                 f"candidates: {D.quoted_list(self.titles(candidates))}.\nAnswer:")
+    def shown(self, unit: tuple) -> list:
+        """The items of a unit that its demonstration line shows: history, then the chosen one."""
+        items = self.pool.unit(unit)
+        return items[:-1][-self.demo_history:] + items[-1:]
+
+    @staticmethod
+    def render_text(demos: list, history: list, candidates: list) -> str:
+        """demos: [(history titles, chosen title)] in display order (user 1 first); titles only."""
+        lines = [demo_line(k + 1, h, chosen) for k, (h, chosen) in enumerate(demos)]
+        query = (f"This user has watched {D.quoted_list(history)}. Recommend one movie from these "
+                 f"candidates: {D.quoted_list(candidates)}.\nAnswer:")
         return SYSTEM + "".join(lines) + ("\n" if lines else "") + query
+
+    def text(self, demos: list, history: list, candidates: list) -> str:
+        """demos: units in display order (user 1 first)."""
+        shown = [self.titles(self.shown(u)) for u in demos]
+        return self.render_text([(t[:-1], t[-1]) for t in shown], self.titles(history), self.titles(candidates))
 
     def ids(self, r: D.SeqRow, demos: list) -> list:
         """Prompt ids for row r; the least similar demonstrations go first (and are dropped first)."""
@@ -386,8 +429,9 @@ def target_ranks(rows: list, logprobs: list) -> np.ndarray:
     return np.array([E.rank_of_target(lp.numpy(), r.candidates.index(r.target)) for r, lp in zip(rows, logprobs)])
 
 
-def evaluate(model, tok, prompter, rows, demos, a, log=None) -> dict:
-    """Generation (ValidRatio, HR@1 over all rows) and likelihood ranking (HR@1, HR@5, NDCG@5)."""
+def evaluate(model, tok, prompter, rows, demos, a, log=None) -> tuple[dict, np.ndarray]:
+    """Generation (ValidRatio, HR@1 over all rows) and likelihood ranking (HR@1, HR@5, NDCG@5);
+    and the target's rank in each row."""
     answers, logprobs = answer_and_rank(model, tok, prompter, rows, demos, a.gen_batch, log=log)
     ranks = target_ranks(rows, logprobs)
     matched = [E.match_answer(t, prompter.titles(r.candidates)) for t, r in zip(answers, rows)]
@@ -397,7 +441,7 @@ def evaluate(model, tok, prompter, rows, demos, a, log=None) -> dict:
     return {"hr1": round(g["hr1"], 4), "hr1_ci95": ci(np.mean, hits), "valid_ratio": round(g["valid_ratio"], 4),
             "hr1_valid": round(g["hr1_valid"], 4), **rank_metrics(ranks), "n": len(rows),
             "examples": [{"user": prompter.d.user_ids[r.user], "answer": t, "target": prompter.d.titles[r.target]}
-                         for t, r in list(zip(answers, rows))[:5]]}
+                         for t, r in list(zip(answers, rows))[:5]]}, ranks
 
 
 def ci(stat, *arrays) -> list:
@@ -416,8 +460,8 @@ def add_common(p):
     p.add_argument("--model", default=None, help="HF Llama directory (default: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
     p.add_argument("--format", default=None, choices=sorted(D.READERS))
-    p.add_argument("--out", default="runs/adaptrec", help="output directory (default: runs/adaptrec)")
-    p.add_argument("--run", default="m5-llm", help="name of the tuned run under OUT (default: m5-llm)")
+    p.add_argument("--out", default="runs/adaptrec", help="output directory; each configuration's adapter is tuned "
+                   "into OUT/m<M>-<select> (OUT/m0 without demonstrations)")
     p.add_argument("--n", type=int, default=10, help="users retrieved in stage 1 (N)")
     p.add_argument("--demo-history", type=int, default=3, help="history items shown per demonstration (paper: 10)")
     p.add_argument("--judge-history", type=int, default=5, help="last items of each retrieved user shown to the stage-2 judge")
@@ -437,7 +481,7 @@ class Setup:
     d: D.Data
     rows: dict
     pool: Pool
-    model: M.Llama
+    model: M.Llama          # the base model: stages 1 and 2 and the controls use it untuned
     tok: M.Tokenizer
     retriever: Retriever
     selector: Selector
@@ -447,14 +491,14 @@ class Setup:
 def setup(a, log) -> Setup:
     d = D.load(a.dataset, a.format)
     rows = D.sequential_rows(d, seed=a.seed)
-    pool = build_pool(d, max_items=max(10, a.demo_history) + 1)
+    pool = build_pool(d)
     model, tok = M.load(a.model, dtype=a.dtype)
     if a.max_len + 64 > model.args.max_seq_len:
         raise ValueError(f"--max-len {a.max_len} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
-    retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.pt"), key), a.n, log)
-    selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-h{a.judge_history}.json"),
+    retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.pt"), key), a.n, log=log)
+    selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-{prompt_key()}-h{a.judge_history}.json"),
                         key, a.judge_history, log)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "
         f"pool of {len(pool.users)} users; N={a.n}, budget {a.max_len} tokens")
@@ -463,69 +507,22 @@ def setup(a, log) -> Setup:
 
 def demo_overlap(pool: Pool, rows: list, demos: dict) -> dict:
     """What the demonstrators have in common with the target user, from item ids alone (no
-    LLM): the mean number of the row's history items found in its demonstrators' pool
-    sequences, and the share of rows where a demonstrator's sequence holds the row's target."""
-    seen = [set(i for p in demos[row_key(r)] for i in pool.items[p]) for r in rows]
+    LLM): the mean number of the row's history items found in its demonstrators' units
+    (everything they did before the row's time), and the share of rows where a demonstrator's
+    unit holds the row's target."""
+    seen = [set(i for u in demos[row_key(r)] for i in pool.unit(u)) for r in rows]
     n = max(len(rows), 1)
     return {"demo_history_overlap": round(sum(len(set(r.history) & s) for r, s in zip(rows, seen)) / n, 4),
             "demo_has_target": round(sum(r.target in s for r, s in zip(rows, seen)) / n, 4)}
 
 
 def demonstrations(s: Setup, rows: list, retrieved: dict, m: int, how: str, seed: int) -> dict:
-    """row_key -> pool indices of the row's demonstrations (stage 2 over stage 1's `retrieved`, base model)."""
+    """row_key -> units of the row's demonstrations (stage 2 over stage 1's `retrieved`, base model)."""
     if how == "llm" and m > 0:
         s.selector.rate(rows, retrieved)
-    return {row_key(r): s.selector.select(r, retrieved, m, how, seed) for r in rows}
+    return {row_key(r): s.selector.select(r, retrieved, m, how, seed, s.retriever.allowed(r) if how == "random" else None)
+            for r in rows}
 
-
-# ----------------------------------------------------------------------------- train
-
-def add_train_args(p):
-    p.add_argument("--m", type=int, default=5, help="demonstrations per training prompt (M)")
-    p.add_argument("--select", default="llm", choices=SELECTIONS, help="stage-2 selection for the training prompts")
-    p.add_argument("--train-rows", type=int, default=64, help="training rows drawn from all users' train parts (0 = all)")
-    p.add_argument("--val-rows", type=int, default=0, help="validation rows (users' second-last items), ranked at each "
-                   "validation to keep the best adapter (0 = no validation: the final adapter is used)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN/checkpoint.pt",
-               lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
-
-
-def cmd_train(a):
-    t0 = time.time()
-    s = setup(a, log_fn)
-    rng = random.Random(a.seed)
-    train_rows = rng.sample(s.rows["train"], min(a.train_rows, len(s.rows["train"]))) if a.train_rows else s.rows["train"]
-    val_rows = rng.sample(s.rows["valid"], min(a.val_rows, len(s.rows["valid"])))
-    retrieved = s.retriever.retrieve(train_rows + val_rows)
-    demos = demonstrations(s, train_rows + val_rows, retrieved, a.m, a.select, a.seed)
-    if a.select == "llm" and a.m:
-        dis = s.selector.disagreement(train_rows, retrieved, a.m)
-        log_fn(f"[adaptrec] stage 2 vs stage 1 on the training rows: top-{a.m} sets differ on "
-               f"{dis['top_m_set_differs']:.1%}, top-1 on {dis['top_1_differs']:.1%}")
-    examples = [make_example(s.prompter, r, demos[row_key(r)]) for r in train_rows]
-    steps = max(1, round(len(examples) * a.epochs / a.batch_size))
-    log_fn(f"[adaptrec] training on {len(examples)} rows (mean {np.mean([len(e.ids) for e in examples]):.0f} tokens, "
-           f"M={a.m}, {a.select}), {steps} steps; validating on {len(val_rows)} rows ({time.time() - t0:.0f}s so far)")
-    cfg = T.config_from_args(s.model, a, os.path.join(a.out, a.run), steps)
-    # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
-    validate = (lambda m: E.ndcg_at_k(target_ranks(val_rows, answer_and_rank(m, s.tok, s.prompter, val_rows, demos,
-                                                                             max_new_tokens=0)[1]), 20)) if val_rows else None
-    summary = T.train(s.model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
-                      run_config={"method": "adaptrec", "args": vars(a), "train_rows": len(examples), "val_rows": len(val_rows)},
-                      base_model=a.model or "SmolLM2-135M-Instruct")
-    T.dist_close()
-    log_fn(f"[adaptrec] done in {time.time() - t0:.0f}s; " + (f"best validation NDCG@20 {summary['best']:.4f}; " if val_rows else "")
-           + f"adapter in {adapter_dir(a)}")
-
-
-def adapter_dir(a) -> str:
-    """OUT/RUN/best (kept by validation), else OUT/RUN/final."""
-    best = os.path.join(a.out, a.run, "best")
-    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(a.out, a.run, "final")
-
-
-# ----------------------------------------------------------------------------- eval
 
 def parse_configs(text: str) -> list:
     """'0,1:llm,5:embed' -> [(0, 'none'), (1, 'llm'), (5, 'embed')]."""
@@ -538,20 +535,129 @@ def parse_configs(text: str) -> list:
     return out
 
 
-def baseline_rows(s: Setup, rows: list, a, log) -> list:
-    """Pop and SASRec (baselines.py) trained on every user's train rows, ranked on these rows."""
+def run_name(m: int, how: str) -> str:
+    return f"m{m}-{how}" if m else "m0"
+
+
+def adapter_dir(out: str, m: int, how: str) -> str:
+    """OUT/RUN/best (kept by validation), else OUT/RUN/final."""
+    best = os.path.join(out, run_name(m, how), "best")
+    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(out, run_name(m, how), "final")
+
+
+# ----------------------------------------------------------------------------- train
+
+def add_train_args(p):
+    p.add_argument("--configs", default="0,5:llm", help="comma-separated M:SELECT, one adapter each, trained on the "
+                   "same rows (0 = no demonstrations); all selections: 0,5:llm,5:embed,5:random")
+    p.add_argument("--train-rows", type=int, default=64, help="training rows drawn from all users' train parts (0 = all)")
+    p.add_argument("--val-rows", type=int, default=0, help="validation rows (users' second-last items), ranked at each "
+                   "validation to keep the best adapter (0 = no validation: the final adapter is used)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN/checkpoint.pt",
+               lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
+
+
+def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list, retrieved: dict) -> dict:
+    """Tune one adapter, on a fresh copy of the base model, with M = m demonstrations chosen by `how`."""
+    t0 = time.time()
+    demos = demonstrations(s, train_rows + val_rows, retrieved, m, how, a.seed)
+    if how == "llm":
+        dis = s.selector.disagreement(train_rows, retrieved, m)
+        log_fn(f"[adaptrec] stage 2 vs stage 1 on the training rows: top-{m} sets differ on "
+               f"{dis['top_m_set_differs']:.1%}, top-1 on {dis['top_1_differs']:.1%}")
+    examples = [make_example(s.prompter, r, demos[row_key(r)]) for r in train_rows]
+    steps = max(1, round(len(examples) * a.epochs / a.batch_size))
+    log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
+           f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
+    model = M.load(a.model, dtype=a.dtype)[0]
+    cfg = T.config_from_args(model, a, os.path.join(a.out, run_name(m, how)), steps)
+    # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
+    validate = (lambda mod: E.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, demos,
+                                                                               max_new_tokens=0)[1]), 20)) if val_rows else None
+    summary = T.train(model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
+                      run_config={"method": "adaptrec", "m": m, "select": how, "args": vars(a),
+                                  "train_rows": len(examples), "val_rows": len(val_rows)},
+                      base_model=a.model or "SmolLM2-135M-Instruct")
+    log_fn(f"[adaptrec] {run_name(m, how)} done in {time.time() - t0:.0f}s; "
+           + (f"best validation NDCG@20 {summary['best']:.4f}; " if val_rows else "")
+           + f"adapter in {adapter_dir(a.out, m, how)}")
+    return summary
+
+
+def cmd_train(a):
+    t0 = time.time()
+    configs = parse_configs(a.configs)
+    s = setup(a, log_fn)
+    rng = random.Random(a.seed)
+    train_rows = rng.sample(s.rows["train"], min(a.train_rows, len(s.rows["train"]))) if a.train_rows else s.rows["train"]
+    val_rows = rng.sample(s.rows["valid"], min(a.val_rows, len(s.rows["valid"])))
+    retrieved = s.retriever.retrieve(train_rows + val_rows)
+    for m, how in configs:
+        train_config(s, a, m, how, train_rows, val_rows, retrieved)
+    T.dist_close()
+    log_fn(f"[adaptrec] {len(configs)} adapter(s) in {time.time() - t0:.0f}s")
+
+
+# ----------------------------------------------------------------------------- eval
+
+def causal_pop(d: D.Data, rows: list) -> np.ndarray:
+    """(rows, items): how often each item was taken, by anyone, strictly before the row's time."""
+    ts_by_item = [np.sort(d.ts[d.items == i]) for i in range(len(d.item_ids))]
+    return np.array([[np.searchsorted(t, r.ts, side="left") for t in ts_by_item] for r in rows], dtype=np.float64)
+
+
+@torch.inference_mode()
+def title_prior(model, tok, prompter: Prompter, items: list) -> dict:
+    """item -> log p(' "<title>"' + EOS | a prompt with no user in it), from the base model."""
+    prompt = tok.encode(SYSTEM + "Recommend one movie.\nAnswer:")
+    cache, logits = M.prefill_batch(model, [prompt], 0)
+    lp = M.logprobs_after(model, cache.row(0), logits[0], [prompter.answer(i) for i in items])
+    return dict(zip(items, lp.tolist()))
+
+
+def control_ranks(s: Setup, rows: list, demos: dict, a, log) -> dict:
+    """{control: target ranks} on these rows, every score from what was known before the row's
+    time (Pop (t), DemoVote, TitlePrior) or from the users' training rows (Pop, SASRec, the
+    classical baselines as they are usually run on leave-one-out splits)."""
     import baselines as B
-    n_items = len(s.d.item_ids)
-    pop = np.bincount([r.target for r in s.rows["train"]], minlength=n_items).astype(np.float64)
-    out = [("Pop", B.candidate_ranks(np.tile(pop, (len(rows), 1)), rows))]
+    pop_t = causal_pop(s.d, rows)                                                  # (R, I)
+    tie = pop_t / (pop_t.max() + 1)                                               # < 1: only breaks ties
+    out = {"Pop (t)": B.candidate_ranks(pop_t, rows)}
+    for (m, how), units in demos.items():
+        if m:
+            vote = np.zeros_like(pop_t)
+            for k, r in enumerate(rows):
+                for u in units[row_key(r)]:
+                    vote[k, s.prompter.shown(u)] += 1
+            out[f"DemoVote (M={m}, {how})"] = B.candidate_ranks(vote + tie, rows)
+    prior = title_prior(s.model, s.tok, s.prompter, sorted({c for r in rows for c in r.candidates}))
+    out["TitlePrior (base)"] = np.array([E.rank_of_target([prior[c] for c in r.candidates], r.candidates.index(r.target))
+                                         for r in rows])
+    pop = np.bincount([r.target for r in s.rows["train"]], minlength=len(s.d.item_ids)).astype(np.float64)
+    out["Pop"] = B.candidate_ranks(np.tile(pop, (len(rows), 1)), rows)
     if a.sasrec_epochs:
-        m = B.train_sasrec(n_items, s.rows, seed=a.seed, epochs=a.sasrec_epochs, log=log)
+        sas = B.train_sasrec(len(s.d.item_ids), s.rows, seed=a.seed, epochs=a.sasrec_epochs, log=log)
         with torch.no_grad():
-            out.append(("SASRec", B.candidate_ranks(m.scores(B.pad_hist(rows, m.max_len)).numpy(), rows)))
-    # a baseline's answer is its top candidate: always valid, so generated HR@1 = ranked HR@1
-    return [{"method": name, "m": None, "select": None, "hr1": round(E.hr_at_k(r, 1), 4),
-             "hr1_ci95": ci(lambda x: E.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows)}
-            for name, r in out]
+            out["SASRec"] = B.candidate_ranks(sas.scores(B.pad_hist(rows, sas.max_len)).numpy(), rows)
+    return out
+
+
+def paired_to_best(results: list, ranks: dict, controls: list) -> str:
+    """Add to each LLM row its ranked HR@1 and NDCG@5 minus the best control's (by ranked HR@1,
+    then NDCG@5) on the same rows, with paired bootstrap intervals; returns the control's name."""
+    best = max(controls, key=lambda c: (E.hr_at_k(ranks[c], 1), E.ndcg_at_k(ranks[c], 5)))
+    n = len(ranks[best])
+    strata = [[np.array([k]) for k in range(n)]]
+    for r in results:
+        if r["kind"] != "llm":
+            continue
+        mine = ranks[(r["m"], r["select"])]
+        for metric, per_row in (("hr1_rank", lambda x: (x < 1).astype(float)), ("ndcg5", lambda x: np.where(x < 5, 1 / np.log2(x + 2), 0))):
+            point, lo, hi = E.paired_diff_ci(lambda y, v: float(v.mean()), np.zeros(n), per_row(mine), per_row(ranks[best]),
+                                             strata, n_boot=1000)
+            r[f"{metric}_vs_best_control"] = {"vs": best, "diff": round(point, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return best
 
 
 def cmd_eval(a):
@@ -565,41 +671,54 @@ def cmd_eval(a):
     demos = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs}
     m_llm = next((m for m, h in configs if h == "llm"), 0)
     agree = s.selector.disagreement(rows, retrieved, m_llm) if m_llm else None
-    adapter = adapter_dir(a)
-    name = "AdaptRec"
-    if a.base:
-        name = "base model (untuned)"
-    elif os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        lora.load_adapter(s.model, adapter)
-    else:
-        raise FileNotFoundError(f"no adapter in {os.path.join(a.out, a.run)}: run `python adaptrec.py train` first, or pass --base")
-    results = []
+    controls = control_ranks(s, rows, demos, a, log_fn)
+    results, ranks = [], dict(controls)
     for m, how in configs:
+        model, name = s.model, "base model (untuned)"
+        if not a.base:
+            path = adapter_dir(a.out, m, how)
+            if not os.path.exists(os.path.join(path, "adapter_config.json")):
+                log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
+                       f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
+                continue
+            model, name = M.load(a.model, dtype=a.dtype)[0], "AdaptRec"
+            lora.load_adapter(model, path)
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
-        res = evaluate(s.model, s.tok, s.prompter, rows, demos[(m, how)], a, log_fn)
-        results.append({"method": name, "m": m, "select": how, **res, **demo_overlap(s.pool, rows, demos[(m, how)])})
+        res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, demos[(m, how)], a, log_fn)
+        results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
+                        **demo_overlap(s.pool, rows, demos[(m, how)])})
         log_fn(f"[adaptrec]   HR@1 {res['hr1']:.4f} (valid {res['valid_ratio']:.3f}), ranked HR@1 {res['hr1_rank']:.4f}, "
                f"NDCG@5 {res['ndcg5']:.4f}")
-    results += baseline_rows(s, rows, a, log_fn)
-    report(results, agree, a, time.time() - t0)
+    if not results:
+        raise FileNotFoundError(f"no adapter for any of --configs {a.configs} in {a.out}: run `python adaptrec.py train` "
+                                "first, or pass --base")
+    # a control's answer is its top candidate: always valid, so generated HR@1 = ranked HR@1
+    for c, r in controls.items():
+        results.append({"method": c, "kind": "control", "m": None, "select": None, "hr1": round(E.hr_at_k(r, 1), 4),
+                        "hr1_ci95": ci(lambda x: E.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows)})
+    best = paired_to_best(results, ranks, list(controls))
+    report(results, agree, best, a, time.time() - t0)
 
 
-def report(results: list, agree: dict | None, a, elapsed: float):
-    print(f"{'method':<22}{'M':>3} {'select':<7}{'HR@1':>7} {'95% CI':<16}{'Valid':>6}{'rHR@1':>7}{'HR@5':>7}{'NDCG@5':>8}"
-          f"{'n':>5}{'shared':>8}{'has-tgt':>8}")
+def report(results: list, agree: dict | None, best: str, a, elapsed: float):
+    print(f"{'method':<24}{'M':>3} {'select':<7}{'HR@1':>7} {'95% CI':<16}{'Valid':>6}{'rHR@1':>7}{'HR@5':>7}{'NDCG@5':>8}"
+          f"{'n':>5}{'shared':>8}{'has-tgt':>8}   rHR@1 - best control [95% CI]")
     for r in results:
-        demo = f"{r['demo_history_overlap']:>8.2f}{r['demo_has_target']:>8.2f}" if r.get("m") else ""
-        print(f"{r['method']:<22}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
-              f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}{r['n']:>5}{demo}")
-    print("HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS).\n"
-          "shared: the row's history items found in its demonstrators' sequences (mean); has-tgt: rows where a "
-          "demonstrator's sequence holds the target.")
+        demo = f"{r['demo_history_overlap']:>8.2f}{r['demo_has_target']:>8.2f}" if r.get("m") else " " * 16
+        d = r.get("hr1_rank_vs_best_control")
+        print(f"{r['method']:<24}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
+              f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}"
+              f"{r['n']:>5}{demo}" + (f"   {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else ""))
+    print(f"HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS).\n"
+          f"Best control (by rHR@1): {best}. shared: the row's history items found in its demonstrators' units (mean); "
+          "has-tgt: rows where a demonstrator's unit holds the target.")
     if agree:
         print(f"stage 2 vs stage 1 (M={agree['m']}): top-M sets differ on {agree['top_m_set_differs']:.1%} of rows, "
               f"top-1 on {agree['top_1_differs']:.1%}; mean overlap {agree['mean_overlap']:.2f} of {agree['m']}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
-    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "rows": results}, path)
+    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "best_control": best,
+                  "rows": results}, path)
     log_fn(f"[adaptrec] wrote {path} ({elapsed:.0f}s)")
 
 
@@ -616,16 +735,17 @@ def cmd_recommend(a):
     retrieved = s.retriever.retrieve([row])
     if a.select == "llm":
         s.selector.rate([row], retrieved)
-    chosen = s.selector.select(row, retrieved, a.m, a.select, a.seed)
-    rating = dict(zip(s.selector.scores.get(row_key(row), {}).get("pool", []), s.selector.scores.get(row_key(row), {}).get("rating", [])))
+    chosen = s.selector.select(row, retrieved, a.m, a.select, a.seed, s.retriever.allowed(row))
+    judged = s.selector.scores.get(row_key(row), {})
+    rating = {tuple(u): x for u, x in zip(judged.get("units", []), judged.get("rating", []))}
     print(f"user {a.user}, history (oldest first): {D.quoted_list(s.prompter.titles(row.history))}")
-    print(f"stage 1: {len(retrieved[row_key(row)])} similar users (each shown up to its last item before this user's next one)")
-    for p, sim in retrieved[row_key(row)]:
-        mark = "*" if p in chosen else " "
-        print(f" {mark} user {s.d.user_ids[s.pool.users[p]]:>6}  cosine {sim:.3f}  LLM rating {rating.get(p, float('nan')):.2f}  "
-              f"chose {D.quote(s.d.titles[s.pool.items[p][-1]])}")
+    print(f"stage 1: {len(retrieved[row_key(row)])} similar users (each cut at this user's next item's time)")
+    for unit, sim in retrieved[row_key(row)]:
+        mark = "*" if unit in chosen else " "
+        print(f" {mark} user {s.d.user_ids[s.pool.users[unit[0]]]:>6}  cosine {sim:.3f}  LLM rating "
+              f"{rating.get(unit, float('nan')):.2f}  chose {D.quote(s.d.titles[s.pool.unit(unit)[-1]])}")
     print(f"stage 2 ({a.select}): {len(chosen)} demonstrations (*)")
-    adapter = adapter_dir(a)
+    adapter = adapter_dir(a.out, a.m, a.select)
     if os.path.exists(os.path.join(adapter, "adapter_config.json")):
         lora.load_adapter(s.model, adapter)
     else:
@@ -650,14 +770,14 @@ def main(argv=None):
     add_train_args(t)
     e = sub.add_parser("eval", help="generation and likelihood-ranking metrics per (M, selection), plus baselines")
     add_common(e)
-    e.add_argument("--configs", default="0,5:llm,5:embed,5:random",
-                   help="comma-separated M:SELECT (0 = no demonstrations); the full ablation: "
-                   "0,1:llm,3:llm,5:llm,7:llm,5:embed,5:random")
+    e.add_argument("--configs", default="0,5:llm",
+                   help="comma-separated M:SELECT (0 = no demonstrations), each evaluated with its own adapter "
+                   "(OUT/m<M>-<select>); the full ablation, once trained: 0,1:llm,3:llm,5:llm,7:llm,5:embed,5:random")
     e.add_argument("--eval-rows", type=int, default=80, help="test rows (one per user, drawn at random; 0 = all)")
     e.add_argument("--gen-batch", type=int, default=8, help="prompts per generation batch")
     e.add_argument("--sasrec-epochs", type=int, default=10, help="SASRec epochs at most, early-stopped on the valid "
                    "rows (0 = Pop only; baselines.py uses 30)")
-    e.add_argument("--base", action="store_true", help="evaluate the untuned base model instead of OUT/RUN's adapter")
+    e.add_argument("--base", action="store_true", help="evaluate the untuned base model instead of the adapters")
     r = sub.add_parser("recommend", help="show retrieval, selection and the recommendation for one user's next item")
     add_common(r)
     r.add_argument("--user", required=True, help="user id as in the dataset")

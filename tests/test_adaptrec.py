@@ -24,30 +24,17 @@ def dirs(tmp_path):
     return str(tmp_path / "tiny"), ds, str(tmp_path / "out")
 
 
-def brute_force(q, k, n, qu, ku, qt, kt):
-    s = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T
-    out = []
-    for a in range(len(q)):
-        allowed = [j for j in range(len(k)) if ku[j] != qu[a] and kt[j] < qt[a]]
-        out.append(sorted(allowed, key=lambda j: -float(s[a, j]))[:n])
-    return out, s
-
-
-@pytest.mark.parametrize("q_chunk,k_chunk", [(5, 7), (1024, 65536), (1, 1)])
-def test_cosine_top_n_equals_brute_force(q_chunk, k_chunk):
+def test_top_n_allowed_equals_brute_force():
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(23, 8, generator=g), torch.randn(41, 8, generator=g)
-    qu, ku = torch.randint(0, 9, (23,), generator=g), torch.randint(0, 9, (41,), generator=g)
-    qt, kt = torch.randint(0, 50, (23,), generator=g), torch.randint(0, 50, (41,), generator=g)
-    idx, sim = A.cosine_top_n(q, k, 6, qu, ku, qt, kt, q_chunk=q_chunk, k_chunk=k_chunk)
-    ref, s = brute_force(q, k, 6, qu, ku, qt, kt)
-    for a in range(len(q)):
-        got = [int(j) for j in idx[a] if j >= 0]
-        assert got == ref[a]
-        assert all(ku[j] != qu[a] and kt[j] < qt[a] for j in got)          # no self, nothing at or after t
-        assert torch.allclose(sim[a, :len(got)], s[a, got], atol=1e-6)
-        assert (idx[a, len(got):] == -1).all()                               # fewer allowed than n: padded
-    assert any(len(r) < 6 for r in ref)                                      # the padding case occurs
+    for trial in range(20):
+        q, k = torch.randn(8, generator=g), torch.randn(41, 8, generator=g)
+        allowed = torch.rand(41, generator=g) < (0.1 if trial % 2 else 0.7)
+        got = A.top_n_allowed(q, k, allowed, 6)
+        s = F.cosine_similarity(k, q[None], dim=1)
+        ref = sorted(torch.nonzero(allowed)[:, 0].tolist(), key=lambda j: -float(s[j]))[:6]
+        assert [j for j, _ in got] == ref
+        assert np.allclose([v for _, v in got], s[ref].numpy(), atol=1e-6)
+    assert A.top_n_allowed(q, k, torch.zeros(41, dtype=torch.bool), 6) == []
 
 
 def test_pool_holds_no_valid_or_test_item(dirs):
@@ -56,27 +43,34 @@ def test_pool_holds_no_valid_or_test_item(dirs):
     rows = D.sequential_rows(d)
     pool = A.build_pool(d)
     held_out = {(r.user, r.target, r.ts) for r in rows["valid"] + rows["test"]}
-    ts_of = {(int(u), int(i)): int(t) for u, i, t in zip(d.users, d.items, d.ts)}
-    for u, items, end in zip(pool.users, pool.items, pool.end_ts):
-        assert all((int(u), i, ts_of[(int(u), i)]) not in held_out for i in items)
-        assert max(ts_of[(int(u), i)] for i in items) == end
+    for u, items, ts in zip(pool.users, pool.items, pool.ts):
+        assert all((int(u), i, t) not in held_out for i, t in zip(items, ts))
+        assert ts == sorted(ts) and len(items) == int((d.users == u).sum()) - 2
 
 
-def test_retrieval_no_self_no_future_and_embedding_padding(dirs):
+def test_retrieval_cuts_every_user_at_the_query_time(dirs):
     model_dir, ds, out = dirs
     d = D.load(ds, verbose=False)
     m, tok = M.load(model_dir)
     pool = A.build_pool(d)
-    ret = A.Retriever(d, pool, m, tok, A.VectorCache(os.path.join(out, "v.pt"), "k"), n=4)
+    ret = A.Retriever(d, pool, m, tok, A.VectorCache(os.path.join(out, "v.pt"), "k"), n=4, window=5)
     rows = D.sequential_rows(d)
     all_rows = rows["train"][::7] + rows["test"]
     got = ret.retrieve(all_rows)
-    ts_of = {(int(u), int(i)): int(t) for u, i, t in zip(d.users, d.items, d.ts)}
     assert any(got.values())
+    title_vec = {i: ret.item_vecs[i] for i in range(len(d.titles))}
     for r in all_rows:
-        for p, _ in got[A.row_key(r)]:
-            assert pool.users[p] != r.user
-            assert all(ts_of[(int(pool.users[p]), i)] < r.ts for i in pool.items[p])
+        q = torch.stack([title_vec[i] for i in r.history]).mean(0)
+        keys, allowed = {}, []
+        for p, (u, items, ts) in enumerate(zip(pool.users, pool.items, pool.ts)):
+            before = [i for i, t in zip(items, ts) if t < r.ts]      # the user's whole past at the query's time
+            if u != r.user and len(before) >= 4:
+                allowed.append(p)
+                keys[p] = (len(before), torch.stack([title_vec[i] for i in before[-5:]]).mean(0))
+        ref = sorted(allowed, key=lambda p: -float(F.cosine_similarity(keys[p][1], q, dim=0)))[:4]
+        assert [u for u, _ in got[A.row_key(r)]] == [(p, keys[p][0]) for p in ref]
+        for (p, end), sim in got[A.row_key(r)]:
+            assert abs(sim - float(F.cosine_similarity(keys[p][1], q, dim=0))) < 1e-5
     # mean pooling ignores padding: a batch gives what each text gives alone
     texts = [A.seq_text(d, it[-10:]) for it in pool.items[:3]]
     batch = A.embed_texts(m, tok, texts, batch_size=3)
@@ -85,9 +79,24 @@ def test_retrieval_no_self_no_future_and_embedding_padding(dirs):
             h = m(torch.tensor([tok.encode(t)]))[0]
         assert torch.allclose(batch[k], h.mean(0), atol=1e-5)
     # the cache returns the same vectors from disk for the same key, and nothing for another key
+    title = D.quote(d.titles[0])
     again = A.VectorCache(os.path.join(out, "v.pt"), "k")
-    assert torch.equal(again.vecs[texts[0]], ret.cache.vecs[texts[0]])
+    assert torch.equal(again.vecs[title], ret.item_vecs[0])
     assert A.VectorCache(os.path.join(out, "v.pt"), "other").vecs == {}
+
+
+def test_a_changed_prompt_template_changes_the_cache_key(monkeypatch):
+    before = A.prompt_key()
+    monkeypatch.setattr(A, "JUDGE_QUESTION", "How alike, from 1 to 9? Answer:")
+    assert A.prompt_key() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(A, "JUDGE_SYSTEM", A.JUDGE_SYSTEM.replace("tastes", "taste"))
+    assert A.prompt_key() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(A, "SYSTEM", A.SYSTEM.replace("next", "later"))
+    assert A.prompt_key() != before
+    monkeypatch.undo()
+    assert A.prompt_key() == before
 
 
 def full_sequence_logprob(m, prompt, cont):
@@ -131,30 +140,29 @@ def test_answer_only_loss_against_cross_entropy(dirs):
 
 
 def test_selection_rules():
-    pool = A.Pool(np.array([0, 1, 2, 3, 4]), [[1, 2, 3, 4]] * 5, np.array([5, 6, 7, 50, 8]))
     sel = A.Selector.__new__(A.Selector)
-    sel.pool = pool
     r = D.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
-    retrieved = {A.row_key(r): [(2, 0.9), (1, 0.8), (4, 0.7)]}
-    sel.scores = {A.row_key(r): {"pool": [2, 1, 4], "rating": [3.0, 7.0, 3.0]}}
-    assert sel.select(r, retrieved, 2, "embed") == [2, 1]
-    assert sel.select(r, retrieved, 3, "llm") == [1, 2, 4]                   # ties keep stage-1 order
+    retrieved = {A.row_key(r): [((2, 5), 0.9), ((1, 4), 0.8), ((4, 7), 0.7)]}
+    sel.scores = {A.row_key(r): {"units": [[2, 5], [1, 4], [4, 7]], "rating": [3.0, 7.0, 3.0]}}
+    assert sel.select(r, retrieved, 2, "embed") == [(2, 5), (1, 4)]
+    assert sel.select(r, retrieved, 3, "llm") == [(1, 4), (2, 5), (4, 7)]       # ties keep stage-1 order
     assert sel.select(r, retrieved, 0, "llm") == []
-    rand = sel.select(r, retrieved, 5, "random", seed=3)
-    assert sorted(rand) == [1, 2, 4]                                          # only other users, ended before t
-    assert rand == sel.select(r, retrieved, 5, "random", seed=3)
+    allowed = (np.array([9, 4, 5, 0, 7]), np.array([False, True, True, False, True]))
+    rand = sel.select(r, retrieved, 5, "random", seed=3, allowed=allowed)
+    assert sorted(rand) == [(1, 4), (2, 5), (4, 7)]                           # only allowed users, cut at t
+    assert rand == sel.select(r, retrieved, 5, "random", seed=3, allowed=allowed)
     dis = sel.disagreement([r], retrieved, 2)
     assert dis["top_1_differs"] == 1.0 and dis["mean_overlap"] == 2.0 and dis["top_m_set_differs"] == 0.0
 
 
 def test_demo_overlap_counts_shared_items_and_target():
-    pool = A.Pool(np.array([5, 6, 7]), [[1, 2, 9], [2, 3, 4], [7, 8, 1]], np.array([1, 2, 3]))
+    pool = A.Pool(np.array([5, 6, 7]), [[1, 2, 9, 11], [2, 3, 4], [7, 8, 1]], [[1, 2, 3, 4], [1, 2, 3], [1, 2, 3]])
     r1 = D.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
     r2 = D.SeqRow(user=1, history=[4, 5], target=6, ts=10, split="test", candidates=[])
-    demos = {A.row_key(r1): [0, 1], A.row_key(r2): [2]}
-    # r1: items seen {1, 2, 9, 3, 4} hold 3 of its history and its target; r2: {7, 8, 1} hold none
+    demos = {A.row_key(r1): [(0, 3), (1, 3)], A.row_key(r2): [(2, 3)]}
+    # r1: units (1, 2, 9) and (2, 3, 4) hold 3 of its history and its target; r2: (7, 8, 1) none
     assert A.demo_overlap(pool, [r1, r2], demos) == {"demo_history_overlap": 1.5, "demo_has_target": 0.5}
-    assert A.demo_overlap(pool, [r1], {A.row_key(r1): []}) == {"demo_history_overlap": 0.0, "demo_has_target": 0.0}
+    assert A.demo_overlap(pool, [r1], {A.row_key(r1): [(0, 2)]}) == {"demo_history_overlap": 2.0, "demo_has_target": 0.0}
 
 
 def test_corrupt_caches_are_named(dirs, tmp_path):
@@ -178,27 +186,36 @@ def test_parse_configs():
 def test_train_eval_recommend_end_to_end(dirs, capsys):
     model_dir, ds, out = dirs
     common = ["--model", model_dir, "--dataset", ds, "--out", out, "--n", "4", "--max-len", "1200"]
-    A.main(["train", *common, "--m", "2", "--train-rows", "8", "--val-rows", "4", "--batch-size", "4",
-            "--epochs", "1", "--lr", "1e-3"])
-    assert os.path.exists(os.path.join(out, "m5-llm", "best", "adapter_config.json"))
+    A.main(["train", *common, "--configs", "0,2:llm,2:random", "--train-rows", "8", "--val-rows", "4",
+            "--batch-size", "4", "--epochs", "1", "--lr", "1e-3"])
+    for run in ("m0", "m2-llm", "m2-random"):
+        assert os.path.exists(os.path.join(out, run, "best", "adapter_config.json"))
+        assert json.load(open(os.path.join(out, run, "config.json")))["m"] == int(run[1])
     judged = json.load(open(next(os.path.join(out, "cache", f) for f in os.listdir(os.path.join(out, "cache"))
                                  if f.startswith("judge"))))["rows"]
     assert len(judged) == 12 and all(1 <= x <= 9 for v in judged.values() for x in v["rating"])
     args = ["eval", *common, "--configs", "0,2:llm,2:embed,2:random", "--eval-rows", "5", "--sasrec-epochs", "1"]
-    A.main(args)
+    A.main(args)                                       # 2:embed has no adapter: skipped, said so
     res = json.load(open(os.path.join(out, "results.json")))
     methods = [(r["method"], r["m"], r["select"]) for r in res["rows"]]
-    assert methods == [("AdaptRec", 0, "none"), ("AdaptRec", 2, "llm"), ("AdaptRec", 2, "embed"),
-                       ("AdaptRec", 2, "random"), ("Pop", None, None), ("SASRec", None, None)]
+    controls = ["Pop (t)", "DemoVote (M=2, llm)", "DemoVote (M=2, embed)", "DemoVote (M=2, random)", "TitlePrior (base)",
+                "Pop", "SASRec"]
+    assert methods == [("AdaptRec", 0, "none"), ("AdaptRec", 2, "llm"), ("AdaptRec", 2, "random")] + \
+        [(c, None, None) for c in controls]
     for r in res["rows"]:
         assert r["n"] == 5 and 0 <= r["hr1"] <= r["valid_ratio"] <= 1 and 0 <= r["ndcg5"] <= 1
-    assert all("demo_has_target" in r for r in res["rows"][:4])
+    assert res["best_control"] in controls
+    for r in res["rows"][:3]:
+        d = r["hr1_rank_vs_best_control"]
+        assert d["vs"] == res["best_control"] and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+        assert "demo_has_target" in r
     assert res["selection"]["rows"] == 5
     A.main(args)                                    # same rows, candidates and demonstrations: same numbers
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
-    A.main(["train", *common, "--run", "noval", "--m", "2", "--train-rows", "4", "--batch-size", "4", "--epochs", "1"])
-    assert A.adapter_dir(argparse.Namespace(out=out, run="noval")).endswith("final")
+    A.main(["train", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--train-rows", "4",
+            "--batch-size", "4", "--epochs", "1"])
+    assert A.adapter_dir(os.path.join(out, "noval"), 2, "embed").endswith("final")
     capsys.readouterr()
     A.main(["recommend", *common, "--user", "3", "--m", "2"])
     text = capsys.readouterr().out
