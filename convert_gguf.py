@@ -269,11 +269,36 @@ def hf_tokenizer(g: GGUFFile):
     return tk
 
 
+OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "SOURCE.md")
+SOURCE_MARK = "Converted by iclrec's convert_gguf.py"
+
+
+def check_out_dir(out_dir: str):
+    """out_dir may be new, empty, or an earlier conversion's output (only OUTPUT_FILES, with our
+    SOURCE.md), which is replaced; anything else is refused, so nothing the converter did not
+    write is ever deleted."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory; give a new directory")
+    names = set(os.listdir(out_dir))
+    ours = False
+    if os.path.isfile(os.path.join(out_dir, "SOURCE.md")):
+        with open(os.path.join(out_dir, "SOURCE.md"), errors="replace") as f:
+            ours = SOURCE_MARK in f.read(4096)
+    if names and not (names <= set(OUTPUT_FILES) and ours):
+        raise FileExistsError(f"{out_dir} holds files that convert_gguf.py did not write ({sorted(names)[:5]}); "
+                              "give a new or empty directory")
+
+
 def convert(gguf_path: str, out_dir: str, source_note: str = "") -> str:
     """Write the HF-layout directory. Written into a temporary directory beside out_dir,
-    then renamed, so an interrupted conversion never leaves a half-written checkpoint."""
+    then renamed, so an interrupted conversion never leaves a half-written checkpoint. An
+    existing out_dir is replaced only if it is empty or an earlier output of this function."""
     import torch
     from safetensors.torch import save_file
+    out_dir = os.path.abspath(out_dir)
+    check_out_dir(out_dir)
     g = GGUFFile(gguf_path)
     cfg = hf_config(g)
     tk = hf_tokenizer(g)
@@ -297,12 +322,15 @@ def convert(gguf_path: str, out_dir: str, source_note: str = "") -> str:
             json.dump(tcfg, f, indent=2)
         types = sorted({t["type"] for t in g.tensors.values()})
         with open(os.path.join(tmp, "SOURCE.md"), "w") as f:
-            f.write(f"# Source\n\nConverted by iclrec's convert_gguf.py from `{os.path.basename(gguf_path)}` "
+            f.write(f"# Source\n\n{SOURCE_MARK} from `{os.path.basename(gguf_path)}` "
                     f"(GGUF v{g.version}, {md.get('general.name', '?')}, license {md.get('general.license', '?')}).\n"
                     f"Tensor types in the file: {', '.join(types)}; dequantized to float32. Quantized weights keep "
                     f"their quantization error: this is not the original bf16 checkpoint.\n{source_note}\n")
         if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+            check_out_dir(out_dir)                     # again: it may have changed while we converted
+            for name in os.listdir(out_dir):           # only our own files, then the directory
+                os.remove(os.path.join(out_dir, name))
+            os.rmdir(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,7 +375,7 @@ def main(argv=None):
             print(convert(a.gguf, a.out_dir))
         else:
             p.error("give GGUF and OUT_DIR, or --default")
-    except (GGUFError, RuntimeError, FileNotFoundError) as e:
+    except (GGUFError, RuntimeError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

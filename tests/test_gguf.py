@@ -218,3 +218,33 @@ def test_unpermute_inverts_llamacpp_permute():
     w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(8 * 6, 3)
     for heads in (1, 3, 6):
         np.testing.assert_array_equal(C.unpermute(llamacpp_permute(w, heads), heads), w)
+
+
+def test_convert_never_deletes_what_it_did_not_write(tiny_bytes, tmp_path, monkeypatch, capsys):
+    gguf_path = tmp_path / "t.gguf"
+    gguf_path.write_bytes(tiny_bytes)
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("mine")
+    (victim / "sub" / "x").write_text("mine too")
+    with pytest.raises(FileExistsError, match="did not write"):
+        C.convert(str(gguf_path), str(victim))
+    assert (victim / "notes.txt").read_text() == "mine" and (victim / "sub" / "x").exists()
+    project = tmp_path / "project"                               # `convert_gguf.py t.gguf .` in a repository
+    (project / ".git").mkdir(parents=True)
+    (project / "main.py").write_text("print()")
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit, match="error: .*did not write"):
+        C.main([str(gguf_path), "."])
+    assert (project / ".git").is_dir() and (project / "main.py").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".convert-")] == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    C.convert(str(gguf_path), str(empty))                         # an empty directory is filled
+    first = (empty / "model.safetensors").stat().st_mtime_ns
+    C.convert(str(gguf_path), str(empty))                         # an earlier output is replaced
+    assert sorted(os.listdir(empty)) == sorted(C.OUTPUT_FILES) and (empty / "model.safetensors").stat().st_mtime_ns >= first
+    (empty / "extra.txt").write_text("a user's file in the output")
+    with pytest.raises(FileExistsError):
+        C.convert(str(gguf_path), str(empty))
+    assert (empty / "extra.txt").exists()
