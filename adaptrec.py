@@ -462,10 +462,10 @@ def add_common(p):
     p.add_argument("--format", default=None, choices=sorted(D.READERS))
     p.add_argument("--out", default="runs/adaptrec", help="output directory; each configuration's adapter is tuned "
                    "into OUT/m<M>-<select> (OUT/m0 without demonstrations)")
-    p.add_argument("--n", type=int, default=10, help="users retrieved in stage 1 (N)")
-    p.add_argument("--demo-history", type=int, default=3, help="history items shown per demonstration (paper: 10)")
-    p.add_argument("--judge-history", type=int, default=5, help="last items of each retrieved user shown to the stage-2 judge")
-    p.add_argument("--max-len", type=int, default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
+    p.add_argument("--n", type=T.count(1), default=10, help="users retrieved in stage 1 (N)")
+    p.add_argument("--demo-history", type=T.count(0), default=3, help="history items shown per demonstration (paper: 10)")
+    p.add_argument("--judge-history", type=T.count(1), default=5, help="last items of each retrieved user shown to the stage-2 judge")
+    p.add_argument("--max-len", type=T.count(16), default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=M.parse_dtype, default=torch.float32)
 
@@ -550,11 +550,11 @@ def adapter_dir(out: str, m: int, how: str) -> str:
 def add_train_args(p):
     p.add_argument("--configs", default="0,5:llm", help="comma-separated M:SELECT, one adapter each, trained on the "
                    "same rows (0 = no demonstrations); all selections: 0,5:llm,5:embed,5:random")
-    p.add_argument("--train-rows", type=int, default=64, help="training rows drawn from all users' train parts (0 = all)")
-    p.add_argument("--val-rows", type=int, default=0, help="validation rows (users' second-last items), ranked at each "
+    p.add_argument("--train-rows", type=T.count(0), default=64, help="training rows drawn from all users' train parts (0 = all)")
+    p.add_argument("--val-rows", type=T.count(0), default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN/checkpoint.pt",
+    p.add_argument("--epochs", type=T.real(0, low_open=True), default=1.0)
+    T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN",
                lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
 
 
@@ -773,15 +773,15 @@ def main(argv=None):
     e.add_argument("--configs", default="0,5:llm",
                    help="comma-separated M:SELECT (0 = no demonstrations), each evaluated with its own adapter "
                    "(OUT/m<M>-<select>); the full ablation, once trained: 0,1:llm,3:llm,5:llm,7:llm,5:embed,5:random")
-    e.add_argument("--eval-rows", type=int, default=80, help="test rows (one per user, drawn at random; 0 = all)")
-    e.add_argument("--gen-batch", type=int, default=8, help="prompts per generation batch")
-    e.add_argument("--sasrec-epochs", type=int, default=10, help="SASRec epochs at most, early-stopped on the valid "
+    e.add_argument("--eval-rows", type=T.count(0), default=80, help="test rows (one per user, drawn at random; 0 = all)")
+    e.add_argument("--gen-batch", type=T.count(1), default=8, help="prompts per generation batch")
+    e.add_argument("--sasrec-epochs", type=T.count(0), default=10, help="SASRec epochs at most, early-stopped on the valid "
                    "rows (0 = Pop only; baselines.py uses 30)")
     e.add_argument("--base", action="store_true", help="evaluate the untuned base model instead of the adapters")
     r = sub.add_parser("recommend", help="show retrieval, selection and the recommendation for one user's next item")
     add_common(r)
     r.add_argument("--user", required=True, help="user id as in the dataset")
-    r.add_argument("--m", type=int, default=5)
+    r.add_argument("--m", type=T.count(0), default=5)
     r.add_argument("--select", default="llm", choices=SELECTIONS)
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)

@@ -406,7 +406,11 @@ def sequential_rows(d: Data, min_history: int = 3, max_history: int = 10, n_cand
 # ----------------------------------------------------------------------------- prompts
 
 def quote(title: str) -> str:
-    return f'"{title}"'
+    """A title in double quotes on one line: whitespace runs (newlines too) become one space
+    (as clean_title does), backslashes and double quotes are escaped, so that a title can never
+    close its quotes early or start a line of the prompt."""
+    one_line = " ".join(title.split())
+    return '"' + one_line.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def quoted_list(titles) -> str:

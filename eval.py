@@ -9,6 +9,7 @@
   match_answer   which candidate a generated answer names: case-insensitive substring match,
                  valid when exactly one candidate is named
   hr1_generated  hits / all rows (LLaRA's published definition) and hits / valid rows
+  Non-finite scores are an error (check_finite), never a metric.
   bootstrap_ci   percentile interval of a statistic over rows resampled with replacement
   paired_diff_ci mean over strata (test periods) of stat(method A) - stat(method B) on the same
                  rows, with a percentile interval from resampling clusters (users) within each
@@ -25,8 +26,17 @@ def _avg_ranks(x: np.ndarray) -> np.ndarray:
     return (last - (counts - 1) / 2)[inverse].astype(np.float64)
 
 
+def check_finite(scores: np.ndarray):
+    """Non-finite scores have no order: a metric on them would look finite and mean nothing."""
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {scores.size} scores are NaN or infinite: the model's outputs are not finite "
+                         "(check its weights and config)")
+
+
 def auc(labels, scores) -> float:
     labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    check_finite(scores)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -46,6 +56,7 @@ def uauc(users, labels, scores) -> float:
 
 def rank_of_target(scores, target_index: int) -> int:
     s = np.asarray(scores, dtype=np.float64)
+    check_finite(s)
     others = np.delete(s, target_index)
     return int((others >= s[target_index]).sum())
 

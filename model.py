@@ -569,11 +569,15 @@ def rows_mask(valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the BOS rule of the checkpoint: special tokens are never
-    added by the backend; BOS is prepended once iff tokenizer_config.json says add_bos_token."""
+    added by the backend; BOS is prepended once iff tokenizer_config.json says add_bos_token.
+    Text is always plain text: a string such as "<|im_end|>" inside it (a title in the data,
+    say) is encoded as its characters, never as the control token; callers add control
+    tokens by id."""
 
     def __init__(self, path: str, bos_id: int | None, add_bos: bool, eos_ids: list[int]):
         from tokenizers import Tokenizer as HFTokenizer
         self.tk = HFTokenizer.from_file(path)
+        self.tk.encode_special_tokens = True
         self.bos_id, self.add_bos, self.eos_ids = bos_id, add_bos, eos_ids
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:

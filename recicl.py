@@ -48,7 +48,7 @@ SYSTEM = "Predict whether the user will enjoy the movie, from the movies the use
 def block(liked_titles: list, title: str, answer: int | None = None) -> str:
     liked = D.quoted_list(liked_titles) if liked_titles else "none yet"
     text = (f"A user has given high ratings to the following movies: {liked}. Leverage this to predict whether "
-            f"the user would enjoy the movie titled \"{title}\". Answer with \"Yes\" or \"No\".\nAnswer:")
+            f"the user would enjoy the movie titled {D.quote(title)}. Answer with \"Yes\" or \"No\".\nAnswer:")
     return text if answer is None else text + (" Yes\n\n" if answer else " No\n\n")
 
 
@@ -57,7 +57,7 @@ def split_query(liked_titles: list, title: str) -> tuple[str, str]:
     The cut falls at a pre-tokenizer boundary (a word, then ' "'), so tokenizing the two parts
     separately gives the same ids as tokenizing the whole block."""
     full = block(liked_titles, title)
-    cut = full.index(' "' + title + '". Answer with')
+    cut = full.rindex(" " + D.quote(title) + ". Answer with")      # the query's own item is the last one
     return full[:cut], full[cut:]
 
 
@@ -156,22 +156,22 @@ def add_common(p):
     p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
     p.add_argument("--format", default=None, choices=sorted(D.READERS))
     p.add_argument("--out", default="runs/recicl", help="output directory (default: runs/recicl)")
-    p.add_argument("--periods", type=int, default=10)
-    p.add_argument("--train-periods", type=int, default=5, help="D0..D(n-1) train; the rest are test periods")
-    p.add_argument("--threshold", type=float, default=4.0, help="rating at or above which the answer is Yes")
-    p.add_argument("--demos", type=int, default=4, help="K demonstrations per prompt; 0 = TALLRec-style baseline")
-    p.add_argument("--demo-history", type=int, default=3, help="liked titles shown inside each demonstration")
-    p.add_argument("--max-len", type=int, default=512, help="prompt budget in tokens")
+    p.add_argument("--periods", type=T.count(2), default=10)
+    p.add_argument("--train-periods", type=T.count(1), default=5, help="D0..D(n-1) train; the rest are test periods")
+    p.add_argument("--threshold", type=T.real(-math.inf), default=4.0, help="rating at or above which the answer is Yes")
+    p.add_argument("--demos", type=T.count(0), default=4, help="K demonstrations per prompt; 0 = TALLRec-style baseline")
+    p.add_argument("--demo-history", type=T.count(0), default=3, help="liked titles shown inside each demonstration")
+    p.add_argument("--max-len", type=T.count(16), default=512, help="prompt budget in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=M.parse_dtype, default=torch.float32)
 
 
 def add_train_args(p):
-    p.add_argument("--train-samples", type=int, default=256, help="training samples drawn from D0..D4 (0 = all)")
-    p.add_argument("--val-samples", type=int, default=96, help="held-out samples of the last training period")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: from samples and epochs)")
-    T.add_args(p, batch_size=8, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl|nodemo/checkpoint.pt")
+    p.add_argument("--train-samples", type=T.count(0), default=256, help="training samples drawn from D0..D4 (0 = all)")
+    p.add_argument("--val-samples", type=T.count(1), default=96, help="held-out samples of the last training period")
+    p.add_argument("--epochs", type=T.real(0, low_open=True), default=1.0)
+    p.add_argument("--steps", type=T.count(0), default=0, help="optimizer steps (default: from samples and epochs)")
+    T.add_args(p, batch_size=8, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl or OUT/nodemo")
 
 
 def setup(a, log):
@@ -482,21 +482,23 @@ def main(argv=None):
     e = sub.add_parser("eval", help="AUC/UAUC per test period: base and tuned models with and without demonstrations, "
                        "beside real-time and classical controls on the same rows")
     add_common(e)
-    e.add_argument("--eval-samples", type=int, default=150, help="rows per test period, from whole users (0 = all)")
-    e.add_argument("--rows-per-user", type=int, default=10, help="at most this many rows of each drawn user")
+    e.add_argument("--eval-samples", type=T.count(0), default=150, help="rows per test period, from whole users (0 = all)")
+    e.add_argument("--rows-per-user", type=T.count(1), default=10, help="at most this many rows of each drawn user")
     add_train_args(e)
-    e.add_argument("--score-batch", type=int, default=8, help="prompts per forward when scoring")
+    e.add_argument("--score-batch", type=T.count(1), default=8, help="prompts per forward when scoring")
     e.add_argument("--update", action="store_true", help="also tune adapters through D(t-1) for each test period t "
                    "and report PDM (slow: one training run per period)")
     r = sub.add_parser("recommend", help="rank candidate items for a user with their latest feedback in the prompt")
     add_common(r)
     r.add_argument("--user", required=True, help="user id as in the dataset")
     r.add_argument("--items", nargs="*", help="candidate item ids (default: the most popular unseen items)")
-    r.add_argument("--max-candidates", type=int, default=100)
+    r.add_argument("--max-candidates", type=T.count(1), default=100)
     r.add_argument("--feedback", nargs="*", help="new feedback ITEM:RATING, appended as the newest interactions")
-    r.add_argument("--top", type=int, default=10)
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--top", type=T.count(1), default=10)
+    r.add_argument("--batch-size", type=T.count(1), default=32)
     a = p.parse_args(argv)
+    if a.train_periods >= a.periods:
+        p.error(f"--train-periods {a.train_periods} must be below --periods {a.periods} (the rest are test periods)")
     torch.manual_seed(a.seed)
     try:
         {"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}[a.cmd](a)

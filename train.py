@@ -13,11 +13,14 @@ batch; each micro-batch's mean loss is weighted by its share of the global batch
 are summed across ranks with all_reduce, so every rank applies the update a single process
 would make on the whole batch. Backend gloo on CPU, nccl on GPU. Only rank 0 writes files.
 """
+import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,22 +50,49 @@ class TrainConfig:
     seed: int = 0
 
 
+def count(minimum: int):
+    """argparse type: an integer >= minimum (a count or a size; 0 where 0 means 'all' or 'none')."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+def real(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite float in [low, high] (open ends where asked)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < low or v > high or (low_open and v == low) or (high_open and v == high):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'}, got {text}")
+        return v
+    return parse
+
+
 def add_args(p, batch_size: int, lr: float, lora_r: int, lora_dropout: float, resume_from: str, lr_help: str = ""):
     """The command-line flags of this loop and of the LoRA it trains (recicl.py and adaptrec.py);
     the defaults that differ between the methods are arguments."""
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--micro-batch", type=int, default=1, help="examples per forward (1 is fastest on CPU: no padding)")
-    p.add_argument("--lr", type=float, default=lr, help=lr_help or None)
-    p.add_argument("--lora-r", type=int, default=lora_r)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=lora_dropout)
+    p.add_argument("--batch-size", type=count(1), default=batch_size)
+    p.add_argument("--micro-batch", type=count(1), default=1, help="examples per forward (1 is fastest on CPU: no padding)")
+    p.add_argument("--lr", type=real(0, low_open=True), default=lr, help=lr_help or None)
+    p.add_argument("--lora-r", type=count(1), default=lora_r)
+    p.add_argument("--lora-alpha", type=real(0, low_open=True), default=16)
+    p.add_argument("--lora-dropout", type=real(0, 1, high_open=True), default=lora_dropout)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projections (paper setups: often "
                    "all seven, q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; slower on CPU)")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = at the end only)")
-    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--eval-every", type=count(0), default=0, help="validate every N steps (0 = at the end only)")
+    p.add_argument("--save-every", type=count(1), default=5)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--resume", action="store_true", help=f"continue from {resume_from}")
+    p.add_argument("--resume", action="store_true", help=f"continue from the checkpoint in {resume_from} (same settings)")
 
 
 def config_from_args(model, a, out_dir: str, steps: int) -> TrainConfig:
@@ -120,49 +150,130 @@ def make_optimizer(params, cfg: TrainConfig):
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every RNG a step draws from: (JSON-able values, tensors)."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    plain = {"numpy": [np_state[0], np_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in np_state[2:]]],
+             "python": [py[0], list(py[1]), py[2]]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{k}": t for k, t in enumerate(torch.cuda.get_rng_state_all())})
+    return {"plain": plain, "tensors": tensors}
 
 
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def atomic_torch_save(obj, path: str):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def set_rng_state(plain: dict, tensors: dict):
+    torch.set_rng_state(tensors["rng.torch"])
+    name, keys, *rest = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate((plain["python"][0], tuple(plain["python"][1]), plain["python"][2]))
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def write_json(obj, path: str):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    """Write JSON atomically: a temporary file of a name no other run uses, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def save_checkpoint(path, model, opt, sched, step, best, cfg, rng=None):
-    """rng: the RNG state at the end of `step` (default: now)."""
-    atomic_torch_save({"adapter": lora.adapter_state(model), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "step": step, "best": best,
-                       "rng": rng or rng_state(), "config": asdict(cfg)}, path)
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def load_checkpoint(path, model, opt, sched) -> tuple[int, float | None]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+# A checkpoint is two files, neither of them a pickle: checkpoint-<step>.safetensors (adapter,
+# AdamW moments, RNG tensors) and checkpoint.json (step, best, settings, optimizer and scheduler
+# hyper-parameters, the other RNG states, and the tensor file's name and SHA-256). The tensor
+# file is written first under its own name; the JSON, written atomically last, is the commit
+# point; older tensor files are removed after it. Killed at any moment, the JSON names a
+# complete tensor file.
+
+def save_checkpoint(out_dir, model, opt, sched, step, best, settings, rng, pending_validation=False):
+    """rng: rng_state() at the end of `step`."""
+    from safetensors.torch import save_file
+    opt_sd = opt.state_dict()
+    tensors = {f"adapter.{k}": v for k, v in lora.adapter_state(model).items()}
+    for i, st in opt_sd["state"].items():
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).detach().contiguous() for k, v in st.items()})
+    tensors.update(rng["tensors"])
+    name = f"checkpoint-{step}.safetensors"
+    tmp = os.path.join(out_dir, name + f".tmp{os.getpid()}")
+    save_file(tensors, tmp)
+    os.replace(tmp, os.path.join(out_dir, name))
+    write_json({"step": step, "best": best, "settings": settings, "pending_validation": pending_validation,
+                "tensors": name, "sha256": file_sha256(os.path.join(out_dir, name)),
+                "optimizer": {"param_groups": opt_sd["param_groups"], "state_keys": {i: list(st) for i, st in opt_sd["state"].items()}},
+                "scheduler": sched.state_dict(), "rng": rng["plain"]}, os.path.join(out_dir, "checkpoint.json"))
+    for f in os.listdir(out_dir):
+        if f.startswith("checkpoint-") and f != name:
+            os.remove(os.path.join(out_dir, f))
+
+
+def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, float | None, bool]:
+    """Restore a checkpoint saved by save_checkpoint; refuses one whose settings differ from
+    `settings`, naming them. Returns (step, best, pending_validation)."""
+    from safetensors.torch import load_file
+    path = os.path.join(out_dir, "checkpoint.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        with open(path) as f:
+            ck = json.load(f)
+        tensor_path = os.path.join(out_dir, os.path.basename(ck["tensors"]))
+        step, best, saved = int(ck["step"]), ck["best"], ck["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({e!r}); delete {out_dir} to start again") from None
+    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if differ:
+        raise ValueError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
+                         + ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in differ[:6])
+                         + "; run again with the checkpoint's settings, or without --resume in a new --out")
+    if not os.path.exists(tensor_path) or file_sha256(tensor_path) != ck.get("sha256"):
+        raise ValueError(f"{path}: its tensor file {tensor_path} is missing or does not match its SHA-256")
+    t = load_file(tensor_path)
     params = lora.adapter_params(model)
-    if set(params) != set(ck["adapter"]):
-        raise ValueError(f"{path}: the checkpoint's adapter does not match this model's LoRA modules")
+    if {k[len("adapter."):] for k in t if k.startswith("adapter.")} != set(params):
+        raise ValueError(f"{tensor_path}: the checkpoint's adapter does not match this model's LoRA modules")
     with torch.no_grad():
-        for k, v in ck["adapter"].items():
-            params[k].copy_(v)
-    opt.load_state_dict(ck["optimizer"])
+        for k, p in params.items():
+            p.copy_(t[f"adapter.{k}"])
+    state = {int(i): {k: t[f"opt.{i}.{k}"] for k in keys} for i, keys in ck["optimizer"]["state_keys"].items()}
+    opt.load_state_dict({"state": state, "param_groups": ck["optimizer"]["param_groups"]})
     sched.load_state_dict(ck["scheduler"])
-    set_rng_state(ck["rng"])
-    return ck["step"], ck["best"]
+    set_rng_state(ck["rng"], t)
+    return step, best, bool(ck.get("pending_validation"))
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as the process holds it (flock: the
+    kernel releases it when the process ends, however it ends, so a killed run leaves no
+    stale lock)."""
+
+    def __init__(self, out_dir: str):
+        import fcntl
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, ".lock")
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise RuntimeError(f"{out_dir} is in use by another run (it holds {self.path}); wait for it, or use "
+                               "another --out") from None
+
+    def release(self):
+        self.f.close()
 
 
 def keep_freed_memory() -> bool:
@@ -193,13 +304,29 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def run_settings(cfg: TrainConfig, run_config: dict | None) -> dict:
+    """What a resumed run must share with its checkpoint: every training setting and the
+    caller's run description, less what only changes logging and checkpoint spacing."""
+    out = {f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("out_dir", "save_every", "log_every")}
+    for k, v in (run_config or {}).items():
+        if k == "args":
+            out.update({f"args.{a}": w for a, w in v.items() if a not in ("resume", "save_every", "out")})
+        else:
+            out[k] = v
+    return json.loads(json.dumps(out, default=str))          # compared as they are stored
+
+
 def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: bool = False,
           run_config: dict | None = None, base_model: str = "") -> dict:
     """Train the model's LoRA parameters (inject them first). `validate(model) -> float` (higher
     is better) runs every cfg.eval_every steps and at the end; the best adapter is kept in
-    out_dir/best (peft layout). Checkpoints go to out_dir/checkpoint.pt. Returns a summary."""
+    out_dir/best (peft layout). Checkpoints: out_dir/checkpoint.json + .safetensors. The run
+    holds out_dir's lock throughout; a non-finite loss stops it with an error (nothing saved
+    from that step), and a non-finite validation metric never counts as best."""
     if not examples:
         raise ValueError("no training examples")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.micro_batch < 1:
+        raise ValueError(f"steps, batch size and micro-batch must be >= 1 (got {cfg.steps}, {cfg.batch_size}, {cfg.micro_batch})")
     if cfg.batch_size % cfg.micro_batch:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch {cfg.micro_batch}")
     rank, world = dist_info()
@@ -210,45 +337,60 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
         for p in params:
             dist.broadcast(p.data, src=0)
     opt, sched = make_optimizer(params, cfg)
-    ck_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    start, best = 0, None
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json({"train": asdict(cfg), "world_size": world, **(run_config or {})}, os.path.join(cfg.out_dir, "config.json"))
+    settings = run_settings(cfg, run_config)
+    lock = RunLock(cfg.out_dir) if rank == 0 else None
+    try:
+        return _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params,
+                      opt, sched, settings)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params, opt, sched,
+           settings) -> dict:
+    start, best, pending = 0, None, False
     if resume:
-        if not os.path.exists(ck_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ck_path}")
-        start, best = load_checkpoint(ck_path, model, opt, sched)
+        start, best, pending = load_checkpoint(cfg.out_dir, model, opt, sched, settings)
         if rank == 0:
-            print(f"[train] resumed from {ck_path} at step {start}", file=sys.stderr)
+            print(f"[train] resumed from {cfg.out_dir} at step {start}", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed + rank)          # dropout masks; data order is seeded separately
+    if rank == 0:
+        write_json({"train": asdict(cfg), "world_size": world, **(run_config or {})}, os.path.join(cfg.out_dir, "config.json"))
     model.grad_checkpoint = cfg.grad_checkpoint
     device_type = next(model.parameters()).device.type
     if device_type == "cpu":
         keep_freed_memory()
     t0, tokens, step, saved_step = time.time(), 0, start, start
+    in_validation = False
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
 
     def run_validation():
-        nonlocal best
+        nonlocal best, in_validation
+        in_validation = True
         model.eval()
         with torch.no_grad():
             metric = float(validate(model))
         model.train()
-        improved = best is None or metric > best
+        improved = math.isfinite(metric) and (best is None or metric > best)
         if improved:
             best = metric
             if rank == 0:
                 lora.save_adapter(model, os.path.join(cfg.out_dir, "best"), base_model)
                 write_json({"step": step, "metric": metric}, os.path.join(cfg.out_dir, "best", "metric.json"))
         if rank == 0:
-            print(f"[train] step {step} validation {metric:.4f}{' (best, saved)' if improved else ''}", file=sys.stderr)
+            print(f"[train] step {step} validation {metric:.4f}{' (best, saved)' if improved else ''}"
+                  f"{' (not finite: never best)' if not math.isfinite(metric) else ''}", file=sys.stderr)
             log.write(json.dumps({"step": step, "validation": metric}) + "\n")
             log.flush()
+        in_validation = False
 
     model.train()
+    rng_end = rng_state()
     try:
+        if pending and validate is not None:         # the run was stopped inside this step's validation
+            run_validation()
         while step < cfg.steps:
             idx = batch_indices(step, len(examples), cfg)[rank::world]
             opt.zero_grad(set_to_none=True)
@@ -267,6 +409,9 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
                 t = torch.tensor([loss_sum])
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 loss_sum = t.item()
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"the training loss is {loss_sum} at step {step + 1}: the model or data gives "
+                                         f"non-finite values; nothing of this step is saved (last checkpoint: step {saved_step})")
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
@@ -283,16 +428,18 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
             if validate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_validation()
             if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-                save_checkpoint(ck_path, model, opt, sched, step, best, cfg, rng_end)
+                save_checkpoint(cfg.out_dir, model, opt, sched, step, best, settings, rng_end)
                 saved_step = step
         if validate is not None:
             run_validation()
         if rank == 0:
             lora.save_adapter(model, os.path.join(cfg.out_dir, "final"), base_model)
     except KeyboardInterrupt:
-        if rank == 0 and step > saved_step:   # the adapter and optimizer still hold the end of `step`
-            save_checkpoint(ck_path, model, opt, sched, step, best, cfg, rng_end)
-            print(f"[train] interrupted: checkpoint of step {step} saved to {ck_path}; continue with --resume", file=sys.stderr)
+        # the adapter and optimizer still hold the end of `step`; a validation cut short runs again on resume
+        if rank == 0 and (step > saved_step or in_validation):
+            save_checkpoint(cfg.out_dir, model, opt, sched, step, best, settings, rng_end, pending_validation=in_validation)
+            print(f"[train] interrupted: checkpoint of step {step} saved in {cfg.out_dir}; continue with --resume",
+                  file=sys.stderr)
         raise
     finally:
         if log:

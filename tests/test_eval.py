@@ -71,3 +71,13 @@ def test_paired_diff_ci_point_pairing_and_clusters():
     # swapping the methods mirrors the interval (the same resamples are used)
     p2, lo2, hi2 = E.paired_diff_ci(E.auc, y, b, a, strata, n_boot=300)
     assert p2 == pytest.approx(-point) and lo2 == pytest.approx(-hi) and hi2 == pytest.approx(-lo)
+
+
+def test_non_finite_scores_are_an_error_not_a_metric():
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            E.auc([1, 0, 1, 0], [0.1, bad, 0.3, 0.2])
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            E.rank_of_target([0.1, 0.2, bad], 2)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            E.rank_of_target([bad, 0.2, 0.1], 2)

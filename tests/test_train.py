@@ -76,8 +76,8 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_untied, tmp_path):
     b = fresh(path)
     with pytest.raises(KeyboardInterrupt):
         T.train(b, data, interrupted, T.TrainConfig(out_dir=str(tmp_path / "b"), **cfg))
-    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 4
+    ck = json.load(open(tmp_path / "b" / "checkpoint.json"))
+    assert ck["step"] == 4 and os.listdir(tmp_path / "b").count(ck["tensors"]) == 1
     torch.manual_seed(12345)                  # whatever the process did since, resume restores it
     c = fresh(path, seed=99)                  # a different initial adapter: the checkpoint replaces it
     T.train(c, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "b"), **cfg), resume=True)
@@ -95,8 +95,81 @@ def test_validation_keeps_best_and_writes_files(tiny_untied, tmp_path):
     assert out["best"] == 0.9
     assert json.load(open(tmp_path / "r" / "best" / "metric.json")) == {"step": 2, "metric": 0.9}
     assert json.load(open(tmp_path / "r" / "config.json"))["method"] == "test"
-    for f in ["best/adapter_model.safetensors", "final/adapter_config.json", "checkpoint.pt", "log.jsonl"]:
+    for f in ["best/adapter_model.safetensors", "final/adapter_config.json", "checkpoint.json", "log.jsonl"]:
         assert os.path.exists(tmp_path / "r" / f), f
+
+
+def test_resume_refuses_other_settings_and_files_hold_no_pickle(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    cfg = dict(out_dir=str(tmp_path / "r"), steps=4, batch_size=2, save_every=1, lr=1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(fresh(path), pattern_examples(), interrupt_at(3), T.TrainConfig(**cfg), run_config={"args": {"lr": 1e-3}})
+    for name in os.listdir(tmp_path / "r"):                           # JSON, safetensors, text: no pickle
+        if os.path.isfile(tmp_path / "r" / name):
+            assert not (tmp_path / "r" / name).read_bytes().startswith(b"\x80"), name
+    with pytest.raises(ValueError, match=r"other settings: train.lr 0.001 -> 0.01"):
+        T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**{**cfg, "lr": 1e-2}), resume=True,
+                run_config={"args": {"lr": 1e-3}})
+    with pytest.raises(ValueError, match=r"args.train_rows None -> 8"):
+        T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**cfg), resume=True,
+                run_config={"args": {"lr": 1e-3, "train_rows": 8}})
+    ck = json.load(open(tmp_path / "r" / "checkpoint.json"))
+    with open(tmp_path / "r" / ck["tensors"], "r+b") as f:             # a damaged tensor file is refused
+        f.seek(-1, 2)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(ValueError, match="does not match its SHA-256"):
+        T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**cfg), resume=True, run_config={"args": {"lr": 1e-3}})
+
+
+def interrupt_at(call):
+    calls = {"n": 0}
+
+    def loss(model, ex):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return lm_loss(model, ex)
+    return loss
+
+
+def test_non_finite_loss_stops_and_nan_validation_is_never_best(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    cfg = dict(steps=3, batch_size=2, save_every=1)
+
+    def nan_at_step_2(model, ex, calls={"n": 0}):
+        calls["n"] += 1
+        loss, n = lm_loss(model, ex)
+        return (loss * float("nan") if calls["n"] == 3 else loss), n     # step 2, first micro-batch
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
+        T.train(fresh(path), pattern_examples(), nan_at_step_2, T.TrainConfig(out_dir=str(tmp_path / "n"), **cfg))
+    assert json.load(open(tmp_path / "n" / "checkpoint.json"))["step"] == 1
+    assert not os.path.exists(tmp_path / "n" / "final")
+    out = T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(tmp_path / "v"), eval_every=1, **cfg),
+                  validate=lambda m: float("nan"))
+    assert out["best"] is None and not os.path.exists(tmp_path / "v" / "best")
+
+
+def test_one_run_per_directory_and_interrupted_validation_runs_again(tiny_untied, tmp_path):
+    path, _ = tiny_untied
+    cfg = T.TrainConfig(out_dir=str(tmp_path / "r"), steps=2, batch_size=2, save_every=1, eval_every=1)
+    held = T.RunLock(str(tmp_path / "r"))
+    with pytest.raises(RuntimeError, match="in use by another run"):
+        T.train(fresh(path), pattern_examples(), lm_loss, cfg)
+    held.release()
+    seen = []
+
+    def validate(m):
+        seen.append(len(seen))
+        if len(seen) == 1:
+            raise KeyboardInterrupt                # Ctrl-C inside the first validation (step 1)
+        return 0.5
+    with pytest.raises(KeyboardInterrupt):
+        T.train(fresh(path), pattern_examples(), lm_loss, cfg, validate=validate)
+    ck = json.load(open(tmp_path / "r" / "checkpoint.json"))
+    assert ck["step"] == 1 and ck["pending_validation"] is True
+    out = T.train(fresh(path), pattern_examples(), lm_loss, cfg, validate=validate, resume=True)
+    assert json.load(open(tmp_path / "r" / "best" / "metric.json"))["step"] == 1   # step 1's validation ran
+    assert out["best"] == 0.5 and len(seen) == 3                        # step 1 again, then the end (step 2)
 
 
 def test_tiny_model_learns_the_pattern(tiny_untied, tmp_path):
