@@ -72,7 +72,39 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Build from a HF Llama config.json dict. Anything that would change the math and that
-        is not implemented here is refused with the field named."""
+        is not implemented here is refused with the field named, and so is any value that is
+        missing, of the wrong type, or out of range (sizes drive allocation: a bad one must not
+        turn into a hang or a multi-GB request)."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
+
+        def need_int(key, low, high, default=None):
+            v = cfg.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ValueError(f"config.json: {key} must be an integer in [{low}, {high}], got {v!r}")
+            return v
+
+        def need_positive(key, default):
+            v = cfg.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"config.json: {key} must be a finite number > 0, got {v!r}")
+            return float(v)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            if key not in cfg:
+                raise ValueError(f"config.json: {key} is missing")
+        need_int("hidden_size", 1, 1 << 16), need_int("num_hidden_layers", 1, 1024)
+        need_int("num_attention_heads", 1, 1024), need_int("intermediate_size", 1, 1 << 18)
+        need_int("vocab_size", 1, 1 << 22), need_int("max_position_embeddings", 1, 1 << 20, 2048)
+        if cfg.get("num_key_value_heads") is not None:
+            need_int("num_key_value_heads", 1, 1024)
+        need_positive("rms_norm_eps", 1e-6)
+        if not isinstance(cfg.get("tie_word_embeddings", False), bool):
+            raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
+        for key in ("bos_token_id", "eos_token_id"):
+            ids = cfg.get(key)
+            for i in (ids if isinstance(ids, list) else [ids]):
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg["vocab_size"]):
+                    raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size {cfg['vocab_size']}")
         if cfg.get("model_type", "llama") != "llama":
             raise ValueError(f"config.json: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
         refuse = {
@@ -89,6 +121,8 @@ class ModelArgs:
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"config.json: unsupported rope_parameters.rope_type={rope['rope_type']!r}")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+            raise ValueError(f"config.json: rope_theta must be a finite number > 1, got {theta!r}")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         if dim % n_heads:
             raise ValueError(f"config.json: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
@@ -589,6 +623,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
 
+    def token_id(self, token: str) -> int:
+        """The id of a control token such as "<|im_start|>" (an error if the vocabulary lacks it)."""
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"the tokenizer has no token {token!r}")
+        return i
+
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
@@ -616,14 +657,26 @@ def read_safetensors(path: str):
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header: not a JSON object")
         header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        for name, info in header.items():
+            ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in info["shape"] + info["data_offsets"])
+            if not ok or len(info["data_offsets"]) != 2:
+                raise ValueError(f"{path}: tensor {name}: corrupt header entry (needs dtype, a shape and two data_offsets, "
+                                 "all non-negative integers)")
+        end = 0
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+            if info.get("dtype") not in _ST_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
             nbytes = math.prod(info["shape"]) * torch.finfo(dtype).bits // 8
             if e - b != nbytes or 8 + n + e > size:
                 raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length (truncated file?)")
+            if b < end:
+                raise ValueError(f"{path}: tensor {name} overlaps the tensor before it (data_offsets {b}..{e})")
+            end = e
             buf = torch.empty(nbytes, dtype=torch.uint8)
             f.seek(8 + n + b)
             if f.readinto(buf.numpy()) != nbytes:
@@ -635,7 +688,14 @@ def checkpoint_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            meta = json.load(f)
+        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map")
+        shards = sorted(set(weight_map.values()))
+        bad = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s]
+        if bad:
+            raise ValueError(f"{index}: shard {bad[0]!r} is not a file name inside the model directory")
         return [os.path.join(model_dir, s) for s in shards]
     single = os.path.join(model_dir, "model.safetensors")
     if not os.path.exists(single):
@@ -655,7 +715,12 @@ def load(model_dir: str | None = None, dtype=torch.float32, device="cpu") -> tup
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
     with open(cfg_path) as f:
-        args = ModelArgs.from_hf_config(json.load(f))
+        try:
+            cfg = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    args = ModelArgs.from_hf_config(cfg)
+    tok = load_tokenizer(model_dir, args)          # first: its checks are cheap, the weights are not
     with torch.device("meta"):
         model = Llama(args)
     allocate(model, dtype, device, fast_cpu=dtype == torch.float32 and torch.device(device).type == "cpu")
@@ -670,6 +735,8 @@ def load(model_dir: str | None = None, dtype=torch.float32, device="cpu") -> tup
                 raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
             if name in seen:
                 raise ValueError(f"{path}: tensor {name} appears twice in the checkpoint")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
             with torch.no_grad():
                 params[name].copy_(t)
             seen.add(name)
@@ -678,7 +745,7 @@ def load(model_dir: str | None = None, dtype=torch.float32, device="cpu") -> tup
         raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     model.rope_cos, model.rope_sin_signed = rope_buffers(args, device)   # built on 'meta' above
     model.eval().requires_grad_(False)
-    return model, load_tokenizer(model_dir, args)
+    return model, tok
 
 
 def allocate(model: Llama, dtype, device, fast_cpu: bool):
@@ -712,8 +779,19 @@ def load_tokenizer(model_dir: str, args: ModelArgs) -> Tokenizer:
     tc_path, add_bos = os.path.join(model_dir, "tokenizer_config.json"), False
     if os.path.exists(tc_path):
         with open(tc_path) as f:
-            add_bos = bool(json.load(f).get("add_bos_token", False))
-    return Tokenizer(path, args.bos_id, add_bos, args.eos_ids)
+            try:
+                tc = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{tc_path}: not valid JSON ({e})") from None
+        add_bos = bool(tc.get("add_bos_token", False)) if isinstance(tc, dict) else False
+    try:
+        tok = Tokenizer(path, args.bos_id, add_bos, args.eos_ids)
+    except Exception as e:                      # the tokenizers library raises its own Exception type
+        raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
+    if tok.vocab_size > args.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                         f"{args.vocab_size}: ids past it would index outside the embeddings")
+    return tok
 
 
 # ----------------------------------------------------------------------------- inference
@@ -908,12 +986,16 @@ def main(argv=None):
         model, tok = load(a.model, dtype=a.dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    text = a.prompt
-    if a.chat:
-        text = f"<|im_start|>user\n{a.prompt}<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(text)
-    t0 = time.perf_counter()
-    new = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, stop=a.stop, tokenizer=tok, seed=a.seed)[0]
+    try:
+        ids = tok.encode(a.prompt)
+        if a.chat:                                  # control tokens by id, the prompt as plain text
+            start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+            ids = ([start] + tok.encode(f"user\n{a.prompt}") + [end] + tok.encode("\n", bos=False) + [start]
+                   + tok.encode("assistant\n", bos=False))
+        t0 = time.perf_counter()
+        new = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, stop=a.stop, tokenizer=tok, seed=a.seed)[0]
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
     dt = time.perf_counter() - t0
     print(cut_at_stop(tok.decode(new), a.stop))
     print(f"[{len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f}s: {len(new) / dt:.1f} tok/s]", file=sys.stderr)

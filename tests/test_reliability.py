@@ -83,3 +83,105 @@ def test_interrupted_training_resumes_or_refuses(tiny_untied, tmp_path):
         T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**{**cfg, "batch_size": 4}), resume=True)
     out = T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**cfg), resume=True)
     assert out["steps"] == 3 and json.load(open(ck_json))["step"] == 3
+
+
+# (review case, change to config.json, what the error must say)
+BAD_CONFIGS = [
+    ("C4 zero heads", {"num_attention_heads": 0}, "num_attention_heads must be an integer in [1, 1024], got 0"),
+    ("C5 hidden size missing", {"hidden_size": None}, "config.json: hidden_size is missing"),
+    ("C6 hidden size a string", {"hidden_size": "64"}, "hidden_size must be an integer in [1, 65536], got '64'"),
+    ("C9 a billion layers", {"num_hidden_layers": 10 ** 9}, "num_hidden_layers must be an integer in [1, 1024]"),
+    ("G12 2^31 layers", {"num_hidden_layers": 2 ** 31}, "num_hidden_layers must be an integer"),
+    ("C10 huge context", {"max_position_embeddings": 10 ** 8}, "max_position_embeddings must be an integer in [1, 1048576]"),
+    ("C3 negative context", {"max_position_embeddings": -1}, "max_position_embeddings must be an integer"),
+    ("C11 negative epsilon", {"rms_norm_eps": -1}, "rms_norm_eps must be a finite number > 0, got -1"),
+    ("G14 zero epsilon", {"rms_norm_eps": 0}, "rms_norm_eps must be a finite number > 0"),
+    ("C11 rope theta 0", {"rope_theta": 0}, "rope_theta must be a finite number > 1, got 0"),
+    ("C3 rope theta text", {"rope_theta": "abc"}, "rope_theta must be a finite number > 1, got 'abc'"),
+    ("C12 tie as a string", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ("C7 BOS past the vocabulary", {"bos_token_id": 5000}, "bos_token_id 5000 is not a token id below vocab_size"),
+    ("C13 EOS past the vocabulary", {"eos_token_id": 5000}, "eos_token_id 5000 is not a token id below vocab_size"),
+]
+
+
+@pytest.mark.parametrize("case,change,message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_configs_are_refused_by_field(case, change, message, tiny_untied):
+    path, _ = tiny_untied
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(change)
+    if "rope_theta" in change and "rope_parameters" in cfg:      # newer transformers write it there
+        cfg["rope_parameters"]["rope_theta"] = change["rope_theta"]
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match=re_escape(message)):
+        M.load(path)
+
+
+def re_escape(text):
+    import re
+    return re.escape(text)
+
+
+def test_bad_model_files_are_refused_by_name(tiny_untied):
+    """C6 (config a list), T2 (tokenizer not readable), T3 (tokenizer larger than the model),
+    S2-S7 (safetensors entries without offsets, overlapping or negative, a shard outside the
+    directory), S6 (NaN weights)."""
+    import struct
+    path, _ = tiny_untied
+    cfg_path, st_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    good_cfg, good_st = open(cfg_path).read(), open(st_path, "rb").read()
+    n = struct.unpack("<Q", good_st[:8])[0]
+    header = json.loads(good_st[8:8 + n])
+
+    def with_header(h):
+        raw = json.dumps(h).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + good_st[8 + n:]
+
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
+    cases = [
+        (cfg_path, "[1, 2]", "config.json: expected a JSON object"),
+        (cfg_path, "{not json", "config.json: not valid JSON"),
+        (st_path, with_header({**header, first: {k: v for k, v in header[first].items() if k != "data_offsets"}}),
+         f"tensor {first}: corrupt header entry"),
+        (st_path, with_header({**header, second: {**header[second], "data_offsets": header[first]["data_offsets"]}}),
+         "overlaps the tensor before it"),
+        (st_path, with_header({**header, first: {**header[first], "data_offsets": [-256, 0]}}), "corrupt header entry"),
+        (st_path, with_header([1, 2]), "not a JSON object"),
+    ]
+    for target, content, message in cases:
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(target, mode) as f:
+            f.write(content)
+        with pytest.raises(ValueError, match=re_escape(message)):
+            M.load(path)
+        open(cfg_path, "w").write(good_cfg)
+        open(st_path, "wb").write(good_st)
+    # NaN weights (S6)
+    from safetensors.torch import load_file, save_file
+    state = load_file(st_path)
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, st_path)
+    with pytest.raises(ValueError, match="model.norm.weight holds NaN or infinite values"):
+        M.load(path)
+    open(st_path, "wb").write(good_st)
+    # a shard outside the model directory (S7)
+    os.remove(st_path)
+    json.dump({"weight_map": {"model.norm.weight": "../outside.safetensors"}},
+              open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    with pytest.raises(ValueError, match="is not a file name inside the model directory"):
+        M.load(path)
+    os.remove(os.path.join(path, "model.safetensors.index.json"))
+    open(st_path, "wb").write(good_st)
+    # tokenizer problems (T2, T3)
+    tok_path = os.path.join(path, "tokenizer.json")
+    good_tok = open(tok_path).read()
+    open(tok_path, "w").write(good_tok[:len(good_tok) // 2])
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer"):
+        M.load(path)
+    open(tok_path, "w").write(good_tok)
+    cfg = json.loads(good_cfg)
+    json.dump({**cfg, "vocab_size": 100, "bos_token_id": None, "eos_token_id": None}, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="more than the model's vocab_size 100"):
+        M.load(path)
