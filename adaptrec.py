@@ -154,27 +154,36 @@ def embed_texts(model: M.Llama, tok: M.Tokenizer, texts: list, batch_size: int =
 
 
 class VectorCache:
-    """text -> vector, for one model, in a torch file written atomically after each fill."""
+    """text -> vector, for one model, in a safetensors file (the texts and the model key in its
+    metadata), rewritten atomically after each fill."""
 
     def __init__(self, path: str, key: str):
         self.path, self.key, self.vecs = path, key, {}
         if os.path.exists(path):
+            from safetensors import safe_open
             try:
-                saved = torch.load(path, weights_only=True)
+                with safe_open(path, "pt") as f:
+                    meta, vecs = f.metadata() or {}, f.get_tensor("vecs")
+                texts = json.loads(meta["texts"])
+                if len(texts) != len(vecs):
+                    raise ValueError(f"{len(texts)} texts for {len(vecs)} vectors")
             except Exception as e:
                 raise ValueError(f"{path}: unreadable vector cache ({e}); delete it to recompute") from None
-            if saved.get("model") == key:
-                self.vecs = dict(zip(saved["texts"], saved["vecs"]))
+            if meta.get("model") == key:
+                self.vecs = dict(zip(texts, vecs))
 
     def get(self, model, tok, texts: list, log=None) -> torch.Tensor:
+        from safetensors.torch import save_file
         missing = list(dict.fromkeys(t for t in texts if t not in self.vecs))
         if missing:
             if log:
                 log(f"[adaptrec] stage 1: embedding {len(missing)} texts ({len(texts) - len(missing)} cached)")
             self.vecs.update(zip(missing, embed_texts(model, tok, missing, log=log)))
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            T.atomic_torch_save({"model": self.key, "texts": list(self.vecs), "vecs": torch.stack(list(self.vecs.values()))},
-                                self.path)
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            save_file({"vecs": torch.stack(list(self.vecs.values())).contiguous()}, tmp,
+                      metadata={"model": self.key, "texts": json.dumps(list(self.vecs))})
+            os.replace(tmp, self.path)
         return torch.stack([self.vecs[t] for t in texts]) if texts else torch.zeros(0, model.args.dim)
 
 
@@ -497,7 +506,7 @@ def setup(a, log) -> Setup:
         raise ValueError(f"--max-len {a.max_len} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
-    retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.pt"), key), a.n, log=log)
+    retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.safetensors"), key), a.n, log=log)
     selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-{prompt_key()}-h{a.judge_history}.json"),
                         key, a.judge_history, log)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "

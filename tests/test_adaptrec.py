@@ -53,7 +53,7 @@ def test_retrieval_cuts_every_user_at_the_query_time(dirs):
     d = D.load(ds, verbose=False)
     m, tok = M.load(model_dir)
     pool = A.build_pool(d)
-    ret = A.Retriever(d, pool, m, tok, A.VectorCache(os.path.join(out, "v.pt"), "k"), n=4, window=5)
+    ret = A.Retriever(d, pool, m, tok, A.VectorCache(os.path.join(out, "v.safetensors"), "k"), n=4, window=5)
     rows = D.sequential_rows(d)
     all_rows = rows["train"][::7] + rows["test"]
     got = ret.retrieve(all_rows)
@@ -80,9 +80,9 @@ def test_retrieval_cuts_every_user_at_the_query_time(dirs):
         assert torch.allclose(batch[k], h.mean(0), atol=1e-5)
     # the cache returns the same vectors from disk for the same key, and nothing for another key
     title = D.quote(d.titles[0])
-    again = A.VectorCache(os.path.join(out, "v.pt"), "k")
+    again = A.VectorCache(os.path.join(out, "v.safetensors"), "k")
     assert torch.equal(again.vecs[title], ret.item_vecs[0])
-    assert A.VectorCache(os.path.join(out, "v.pt"), "other").vecs == {}
+    assert A.VectorCache(os.path.join(out, "v.safetensors"), "other").vecs == {}
 
 
 def test_a_changed_prompt_template_changes_the_cache_key(monkeypatch):
@@ -167,10 +167,10 @@ def test_demo_overlap_counts_shared_items_and_target():
 
 def test_corrupt_caches_are_named(dirs, tmp_path):
     _, tok = M.load(dirs[0])
-    vec, judged = tmp_path / "vectors.pt", tmp_path / "judge.json"
+    vec, judged = tmp_path / "vectors.safetensors", tmp_path / "judge.json"
     vec.write_bytes(b"not a torch file")
     judged.write_text("{ truncated")
-    with pytest.raises(ValueError, match="vectors.pt: unreadable vector cache"):
+    with pytest.raises(ValueError, match="vectors.safetensors: unreadable vector cache"):
         A.VectorCache(str(vec), "key")
     with pytest.raises(ValueError, match="judge.json: unreadable judge cache"):
         A.Selector(None, None, None, tok, str(judged), "key")
