@@ -33,6 +33,7 @@ import bisect
 import csv
 import gzip
 import json
+import math
 import os
 import re
 import sys
@@ -76,11 +77,20 @@ def _open_text(path: str, counts: Counter, encoding="utf-8"):
             yield n, line.rstrip("\r\n")
 
 
-def _num(value: str, kind, path: str, n: int, what: str):
+def _num(value: str, kind, path: str, n: int, what: str, counts: Counter | None = None):
+    """value as a float, or as an int (a timestamp: finite, below 2^62; a fractional one is cut
+    to whole seconds and counted). A float may be NaN or infinite: load() drops and counts those."""
     try:
-        return kind(float(value)) if kind is int else kind(value)
-    except ValueError:
+        v = float(value)
+    except (ValueError, TypeError):
         raise ValueError(f"{path}:{n}: {what} {value!r} is not a number") from None
+    if kind is not int:
+        return v
+    if not math.isfinite(v) or abs(v) >= 2 ** 62:
+        raise ValueError(f"{path}:{n}: {what} {value!r} is out of range")
+    if v != int(v) and counts is not None:
+        counts[f"{what}s_fractional_cut_to_whole_seconds"] += 1
+    return int(v)
 
 
 def _rows(path, sep, n_fields, counts, encoding="utf-8", skip_header=False):
@@ -112,7 +122,7 @@ def read_recbole(directory: str, counts: Counter):
         p = line.split("\t")
         if len(p) != len(cols):
             raise ValueError(f"{inter}:{n}: expected {len(cols)} tab-separated fields, got {len(p)}")
-        rows.append((p[ix[0]], p[ix[1]], _num(p[ix[2]], float, inter, n, "rating"), _num(p[ix[3]], int, inter, n, "timestamp")))
+        rows.append((p[ix[0]], p[ix[1]], _num(p[ix[2]], float, inter, n, "rating"), _num(p[ix[3]], int, inter, n, "timestamp", counts)))
     titles = {}
     lines = _open_text(item, counts)
     _, header = next(lines, (0, ""))
@@ -135,7 +145,7 @@ def read_recbole(directory: str, counts: Counter):
 def _movielens(directory, counts, ratings, ratings_sep, movies, movies_sep):
     """MovieLens raw files: ratings `user item rating ts`, movies `id title ...` (latin-1)."""
     data, item = os.path.join(directory, ratings), os.path.join(directory, movies)
-    rows = [(p[0], p[1], _num(p[2], float, data, n, "rating"), _num(p[3], int, data, n, "timestamp"))
+    rows = [(p[0], p[1], _num(p[2], float, data, n, "rating"), _num(p[3], int, data, n, "timestamp", counts))
             for n, p in _rows(data, ratings_sep, 4, counts)]
     titles = {p[0]: p[1] for _, p in _rows(item, movies_sep, 2, counts, encoding="latin-1")}
     return rows, titles
@@ -153,9 +163,12 @@ def _json_lines(path, counts):
     for n, line in _open_text(path, counts):
         if line.strip():
             try:
-                yield n, json.loads(line)
+                obj = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object (a {type(obj).__name__})")
+            yield n, obj
 
 
 def read_amazon(directory: str, counts: Counter):
@@ -172,16 +185,21 @@ def read_amazon(directory: str, counts: Counter):
                 u, i, rt, t = r.get("reviewerID"), r.get("asin"), r.get("overall"), r.get("unixReviewTime")
             else:                   # 2023 form (timestamp in milliseconds)
                 u, i, rt, t = r.get("user_id"), r.get("parent_asin"), r.get("rating"), r.get("timestamp")
-                t = None if t is None else _num(t, int, path, n, "timestamp") // 1000
+                t = None if t is None else _num(t, int, path, n, "timestamp", counts) // 1000
             if None in (u, i, rt, t):
                 raise ValueError(f"{path}:{n}: missing user, item, rating or time field")
-            rows.append((u, i, _num(rt, float, path, n, "rating"), _num(t, int, path, n, "timestamp")))
+            if not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in (u, i)):
+                raise ValueError(f"{path}:{n}: the user and item ids must be strings or integers, got {u!r}, {i!r}")
+            rows.append((u, i, _num(rt, float, path, n, "rating"), _num(t, int, path, n, "timestamp", counts)))
     titles = {}
     for f in meta:
         for n, m in _json_lines(os.path.join(directory, f), counts):
             key = m.get("parent_asin") or m.get("asin")
             if key is not None and m.get("title"):
-                titles[key] = m["title"]
+                if isinstance(m["title"], str):
+                    titles[key] = m["title"]
+                else:
+                    counts["titles_not_text_skipped"] += 1
     return rows, titles
 
 
@@ -189,7 +207,7 @@ def read_lastfm(directory: str, counts: Counter):
     data, item = os.path.join(directory, "user_taggedartists-timestamps.dat"), os.path.join(directory, "artists.dat")
     first = {}
     for n, p in _rows(data, "\t", 4, counts, skip_header=True):
-        key, t = (p[0], p[1]), _num(p[3], int, data, n, "timestamp") // 1000
+        key, t = (p[0], p[1]), _num(p[3], int, data, n, "timestamp", counts) // 1000
         if key not in first or t < first[key][1]:
             first[key] = (n, t)
     rows = [(u, i, 1.0, t) for (u, i), (n, t) in sorted(first.items(), key=lambda kv: kv[1][0])]
@@ -204,12 +222,20 @@ def read_goodbooks(directory: str, counts: Counter):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: file not found")
     with open(data, newline="", encoding="utf-8", errors="replace") as f:
-        for n, r in enumerate(csv.DictReader(f), 2):
+        reader = csv.DictReader(f)
+        if not {"user_id", "book_id", "rating"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{data}: goodbooks ratings need the columns user_id, book_id, rating; the header has "
+                             f"{reader.fieldnames}")
+        for n, r in enumerate(reader, 2):
             rows.append((r["user_id"], r["book_id"], _num(r["rating"], float, data, n, "rating"), n))  # row order = time
     with open(item, newline="", encoding="utf-8", errors="replace") as f:
         titles = {r["book_id"]: r.get("title") or r.get("original_title") for r in csv.DictReader(f)}
     return rows, titles
 
+
+# The rating scale of each format (lastfm is implicit: every interaction is 1). load() drops and
+# counts ratings outside it, and NaN or infinite ones in every format.
+RATING_RANGE = {"ml-100k": (1, 5), "ml-1m": (1, 5), "amazon": (1, 5), "goodbooks": (1, 5), "lastfm": (1, 1)}
 
 READERS = {"recbole": read_recbole, "ml-100k": read_ml100k, "ml-1m": read_ml1m, "amazon": read_amazon,
            "lastfm": read_lastfm, "goodbooks": read_goodbooks}
@@ -255,6 +281,11 @@ def load(path: str | None = None, fmt: str | None = None, kcore: int = 0, max_ti
     counts = Counter()
     rows, raw_titles = READERS[fmt](path, counts)
     counts["read"] = len(rows)
+    finite = [r for r in rows if math.isfinite(r[2])]
+    counts["dropped_rating_not_finite"] = len(rows) - len(finite)
+    lo, hi = RATING_RANGE.get(fmt, (-math.inf, math.inf))
+    rows = [r for r in finite if lo <= r[2] <= hi]
+    counts[f"dropped_rating_outside_{lo:g}_to_{hi:g}"] = len(finite) - len(rows)
     titles = {k: clean_title(v, max_title_chars, counts) for k, v in raw_titles.items()}
     kept = [r for r in rows if titles.get(r[1])]
     counts["dropped_item_without_title"] = len(rows) - len(kept)
@@ -304,12 +335,13 @@ def kcore_filter(rows, k: int):
 
 def default_dataset_dir() -> str:
     """MovieLens-100K from the recbole wheel, extracted once into the cache."""
-    from fetch import cache_dir, extract_member, fetch_wheel
+    from fetch import cache_dir, extract_member, fetch_wheel, is_intact
     out = os.path.join(cache_dir(), "ml-100k")
     files = ["ml-100k.inter", "ml-100k.item"]
-    if all(os.path.exists(os.path.join(out, f)) for f in files):
+    if all(is_intact(os.path.join(out, f)) for f in files):       # size and SHA-256 as extracted
         return out
-    print(f"[data] MovieLens-100K is not in {out}: extracting it from the recbole 1.2.1 wheel", file=sys.stderr)
+    print(f"[data] MovieLens-100K is not in {out} (or a copy there is damaged): extracting it from the recbole 1.2.1 "
+          "wheel", file=sys.stderr)
     wheel = fetch_wheel("recbole", "1.2.1")
     for f in files:
         extract_member(wheel, f"recbole/dataset_example/ml-100k/{f}", os.path.join(out, f))

