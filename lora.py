@@ -148,12 +148,13 @@ def save_adapter(model, out_dir: str, base_model: str = ""):
            **model._lora_config, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
            "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
            "layers_to_transform": None, "lora_bias": False}
-    tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
+    tag = f".tmp{os.getpid()}"                      # a temporary name no other process uses
+    tmp = os.path.join(out_dir, "adapter_model.safetensors" + tag)
     save_file(adapter_state(model), tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(out_dir, "adapter_config.json.tmp"), "w") as f:
+    with open(os.path.join(out_dir, "adapter_config.json" + tag), "w") as f:
         json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
+    os.replace(os.path.join(out_dir, "adapter_config.json" + tag), os.path.join(out_dir, "adapter_config.json"))
 
 
 _REFUSED = {"use_dora": True, "use_rslora": True, "fan_in_fan_out": True}
@@ -164,7 +165,15 @@ def read_adapter_config(adapter_dir: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json")
     with open(path) as f:
-        cfg = json.load(f)
+        try:
+            cfg = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{path}: r must be an integer >= 1 and lora_alpha a number (got {r!r}, {alpha!r})")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for k, v in _REFUSED.items():
@@ -188,7 +197,13 @@ def load_adapter(model, adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as e:                   # the safetensors library's own error types
+        raise ValueError(f"{path}: unreadable adapter ({e})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]} holds NaN or infinite values")
     if not lora_modules(model):
         inject(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
     expected = adapter_params(model)

