@@ -796,8 +796,11 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     try:
         {"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}[a.cmd](a)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print("interrupted (a training run saved its checkpoint: continue with --resume)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

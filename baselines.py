@@ -271,7 +271,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         d = D.load(a.dataset, a.format)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if a.task == "binary":
         rows = run_binary(d, a.periods, a.train_periods, a.threshold, a.seed, log)

@@ -490,7 +490,7 @@ def main(argv=None):
     try:
         d = load(a.dataset, a.format, kcore=a.kcore)
         print(json.dumps(stats(d, a.periods, a.threshold)))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
 

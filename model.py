@@ -984,7 +984,7 @@ def main(argv=None):
         p.error("--max-new-tokens must be at least 1")
     try:
         model, tok = load(a.model, dtype=a.dtype)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     try:
         ids = tok.encode(a.prompt)
