@@ -86,6 +86,10 @@ class GGUFFile:
             if name in self.tensors:
                 raise GGUFError(f"{path}: tensor {name} appears twice")
             self.tensors[name] = dict(shape=shape, type=tname, start=start, nbytes=nbytes)
+        spans = sorted((t["start"], t["start"] + t["nbytes"], name) for name, t in self.tensors.items())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise GGUFError(f"{path}: tensors {a} and {b} overlap in the file")
 
     # -- bounded readers
     def _take(self, n: int) -> np.ndarray:
@@ -192,7 +196,7 @@ def hf_name(name: str) -> str:
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[3] == "weight":
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES and parts[3] == "weight":
         return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
     raise GGUFError(f"tensor {name} has no place in a Llama model (rope scaling / MoE / biases are not supported)")
 
@@ -205,7 +209,17 @@ def hf_config(g: GGUFFile) -> dict:
     for k in need:
         if k not in md:
             raise GGUFError(f"{g.path}: metadata {k} is missing")
+    for k in need + ["llama.attention.head_count_kv", "llama.context_length"]:
+        if k in md and (isinstance(md[k], (bool, float)) or not isinstance(md[k], (int, np.integer)) or not 1 <= md[k] < 2 ** 31):
+            raise GGUFError(f"{g.path}: metadata {k} must be a positive integer, got {md[k]!r}")
     dim, n_heads = md["llama.embedding_length"], md["llama.attention.head_count"]
+    n_kv = md.get("llama.attention.head_count_kv", n_heads)
+    if dim % n_heads or n_heads % n_kv:
+        raise GGUFError(f"{g.path}: embedding_length {dim}, head_count {n_heads} and head_count_kv {n_kv} do not divide "
+                        "evenly")
+    for k in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id"):
+        if k in md and not 0 <= md[k] < len(md.get("tokenizer.ggml.tokens", [])):
+            raise GGUFError(f"{g.path}: metadata {k} = {md[k]} is not a token of the vocabulary")
     if md.get("llama.rope.dimension_count", dim // n_heads) != dim // n_heads:
         raise GGUFError(f"{g.path}: partial rotary (llama.rope.dimension_count) is not supported")
     if "llama.rope.scaling.type" in md or "rope_freqs.weight" in g.tensors:

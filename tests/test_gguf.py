@@ -248,3 +248,27 @@ def test_convert_never_deletes_what_it_did_not_write(tiny_bytes, tmp_path, monke
     with pytest.raises(FileExistsError):
         C.convert(str(gguf_path), str(empty))
     assert (empty / "extra.txt").exists()
+
+
+def test_hostile_metadata_and_overlapping_tensors(tiny_bytes, tmp_path):
+    """G8-G11: zero or uneven head counts, a tensor name that is not blk.<n>.*, a BOS id past
+    the vocabulary; G17: two tensors at the same data offset."""
+    g = _parse(tmp_path, tiny_bytes)
+    good = dict(g.metadata)
+    for change, match in [({"llama.attention.head_count": 0}, "head_count must be a positive integer"),
+                          ({"llama.attention.head_count_kv": 0}, "head_count_kv must be a positive integer"),
+                          ({"llama.attention.head_count_kv": 3}, "do not divide evenly"),
+                          ({"llama.block_count": 1.5}, "block_count must be a positive integer"),
+                          ({"tokenizer.ggml.bos_token_id": 10 ** 6}, "bos_token_id = 1000000 is not a token")]:
+        g.metadata = {**good, **change}
+        with pytest.raises(C.GGUFError, match=match):
+            C.hf_config(g)
+    with pytest.raises(C.GGUFError, match="blk.x.attn_norm.weight has no place"):
+        C.hf_name("blk.x.attn_norm.weight")
+    names = sorted(g.tensors, key=lambda n: g.tensors[n]["start"])
+    data = bytearray(tiny_bytes)
+    p = data.index(names[1].encode()) + len(names[1])            # second tensor's info: n_dims, dims, type, offset
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    struct.pack_into("<Q", data, p + 4 + 8 * n_dims + 4, 0)       # the first tensor's offset
+    with pytest.raises(C.GGUFError, match="overlap in the file"):
+        _parse(tmp_path, bytes(data))
