@@ -255,6 +255,15 @@ def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, fl
     return step, best, bool(ck.get("pending_validation"))
 
 
+def remove_temporaries(out_dir: str):
+    """Delete the temporary files a killed run left (names with '.tmp'); only the lock holder
+    calls this, so no live writer owns them. They were never trusted: renames publish files."""
+    for root, _, files in os.walk(out_dir):
+        for f in files:
+            if ".tmp" in f:
+                os.remove(os.path.join(root, f))
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as the process holds it (flock: the
     kernel releases it when the process ends, however it ends, so a killed run leaves no
@@ -339,6 +348,8 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
     opt, sched = make_optimizer(params, cfg)
     settings = run_settings(cfg, run_config)
     lock = RunLock(cfg.out_dir) if rank == 0 else None
+    if lock:
+        remove_temporaries(cfg.out_dir)
     try:
         return _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params,
                       opt, sched, settings)

@@ -287,3 +287,16 @@ def test_bad_adapters_are_refused_by_name(tiny_untied, tmp_path):
     lora.save_adapter(m, str(ad))
     with pytest.raises(ValueError, match="holds NaN or infinite values"):
         lora.load_adapter(M.load(path)[0], str(ad))
+
+
+def test_a_killed_runs_temporary_files_are_removed_not_trusted(tiny_untied, tmp_path):
+    from test_train import fresh, lm_loss, pattern_examples
+    path, _ = tiny_untied
+    out = tmp_path / "r"
+    (out / "best").mkdir(parents=True)
+    (out / "checkpoint-7.safetensors.tmp999").write_bytes(b"half")          # what a kill leaves
+    (out / "best" / "adapter_model.safetensors.tmp999").write_bytes(b"half")
+    (out / "checkpoint.json.tmpabc").write_text("{")
+    T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(out), steps=1, batch_size=2))
+    left = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if ".tmp" in f]
+    assert left == [] and json.load(open(out / "checkpoint.json"))["step"] == 1
