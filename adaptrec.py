@@ -589,7 +589,7 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
                                   "train_rows": len(examples), "val_rows": len(val_rows)},
                       base_model=a.model or "SmolLM2-135M-Instruct")
     log_fn(f"[adaptrec] {run_name(m, how)} done in {time.time() - t0:.0f}s; "
-           + (f"best validation NDCG@20 {summary['best']:.4f}; " if val_rows else "")
+           + (f"best validation NDCG@20 {summary['best']}; " if val_rows else "")
            + f"adapter in {adapter_dir(a.out, m, how)}")
     return summary
 

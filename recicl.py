@@ -217,10 +217,16 @@ def train_adapter(a, d, samples, model, prompter, ans, pool_periods, out_dir, lo
                                "val_samples": len(val)}, base_model=a.model or "SmolLM2-135M-Instruct")
 
 
-def tuned_model(a, adapter_dir: str):
-    """A fresh copy of the base model with the adapter in adapter_dir."""
+def adapter_dir(run_dir: str) -> str:
+    """RUN/best (kept by validation), else RUN/final (no validation metric was finite)."""
+    best = os.path.join(run_dir, "best")
+    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(run_dir, "final")
+
+
+def tuned_model(a, path: str):
+    """A fresh copy of the base model with the adapter in `path`."""
     m = M.load(a.model, dtype=a.dtype)[0]
-    lora.load_adapter(m, adapter_dir)
+    lora.load_adapter(m, path)
     return m
 
 
@@ -230,18 +236,20 @@ def cmd_train(a):
     out_dir = os.path.join(a.out, run_name(a.demos))
     summary = train_adapter(a, d, samples, model, prompter, ans, a.train_periods, out_dir, log_fn)
     T.dist_close()
-    log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {summary['best']:.4f}; "
-           f"adapter in {os.path.join(out_dir, 'best')}")
+    best = "none finite" if summary["best"] is None else f"{summary['best']:.4f}"
+    log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {best}; adapter in {adapter_dir(out_dir)}")
 
 
 # ----------------------------------------------------------------------------- eval
 
 # (name, adapter run or None for the base model, whether the prompt shows the K demonstrations).
-# Base and no-demo models given demonstrations at test time are the paper's motivating rows: a
-# model tuned without ICL-format samples loses the ability to use demonstrations.
+# Base and no-demo models given demonstrations at test time are the paper's motivating rows (a
+# model tuned without ICL-format samples loses the ability to use demonstrations); each costs
+# as much as the RecICL row, so they run with --icl-ablation.
 LLM_METHODS = [("zero-shot (base)", None, False), ("base + ICL", None, True),
                ("TALLRec (no-demo tuned)", "nodemo", False), ("TALLRec + ICL", "nodemo", True),
                ("RecICL", "icl", True)]
+ICL_ABLATION = ("base + ICL", "TALLRec + ICL")
 
 
 def eval_rows(samples, test_periods, n_rows: int, rows_per_user: int, seed: int) -> dict:
@@ -332,9 +340,11 @@ def cmd_eval(a):
     prompters = {k: Prompter(d, samples, tok, k, a.demo_history, a.max_len) for k in (0, a.demos)}
     llm, shown = {}, {}
     for name, adapter, icl in LLM_METHODS:
+        if name in ICL_ABLATION and not a.icl_ablation:
+            continue
         m, prompter = model, prompters[a.demos if icl else 0]
         if adapter is not None:
-            path = os.path.join(a.out, adapter, "best")
+            path = adapter_dir(os.path.join(a.out, adapter))
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
@@ -371,10 +381,10 @@ def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
     out = {}
     for p in list(rows)[1:]:
         out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
-        if not os.path.exists(os.path.join(out_dir, "best", "adapter_config.json")):
+        if not os.path.exists(os.path.join(adapter_dir(out_dir), "adapter_config.json")):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
             train_adapter(a, d, samples, M.load(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
-        m = tuned_model(a, os.path.join(out_dir, "best"))      # the best adapter, not the last step
+        m = tuned_model(a, adapter_dir(out_dir))      # the best adapter, not the last step
         out[p] = score(m, prompter, rows[p], ans, a.score_batch)
     return {UPDATED: out}
 
@@ -419,7 +429,7 @@ def report(results, diffs, best, a, elapsed):
 
 def cmd_recommend(a):
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
-    path = os.path.join(a.out, run_name(a.demos), "best")
+    path = adapter_dir(os.path.join(a.out, run_name(a.demos)))
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         lora.load_adapter(model, path)
     else:
@@ -486,6 +496,8 @@ def main(argv=None):
     e.add_argument("--rows-per-user", type=T.count(1), default=10, help="at most this many rows of each drawn user")
     add_train_args(e)
     e.add_argument("--score-batch", type=T.count(1), default=8, help="prompts per forward when scoring")
+    e.add_argument("--icl-ablation", action="store_true", help="also score the base model and the no-demo tuned "
+                   "model with the K demonstrations (the paper's motivating rows; each as slow as the RecICL row)")
     e.add_argument("--update", action="store_true", help="also tune adapters through D(t-1) for each test period t "
                    "and report PDM (slow: one training run per period)")
     r = sub.add_parser("recommend", help="rank candidate items for a user with their latest feedback in the prompt")

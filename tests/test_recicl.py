@@ -45,7 +45,7 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     for run in ("icl", "nodemo"):
         assert os.path.exists(os.path.join(out, run, "best", "adapter_model.safetensors"))
         assert json.load(open(os.path.join(out, run, "config.json")))["method"] == "recicl"
-    R.main(["eval", "--eval-samples", "12", "--rows-per-user", "4", "--update"] + small + common(model, ds, out))
+    R.main(["eval", "--eval-samples", "12", "--rows-per-user", "4", "--update", "--icl-ablation"] + small + common(model, ds, out))
     res = json.load(open(os.path.join(out, "results.json")))
     methods = {r["method"] for r in res["rows"]}
     llm = {name for name, _, _ in R.LLM_METHODS} | {R.UPDATED}
