@@ -285,14 +285,15 @@ def user_clusters(rows) -> list:
     return [np.array(v) for v in by_user.values()]
 
 
-def period_metrics(rows, scores, demos_shown=None) -> dict:
+def period_metrics(rows, scores, demos_shown=None, k: int = 0) -> dict:
     y = np.array([s.label for s in rows])
     u = np.array([s.user for s in rows])
     both = [x for x in np.unique(u) if 0 < y[u == x].sum() < (u == x).sum()]
     out = {"auc": round(E.auc(y, scores), 4), "uauc": round(E.uauc(u, y, scores), 4), "uauc_users": len(both),
            "n": len(rows), "users": len(np.unique(u))}
-    if demos_shown is not None:
+    if demos_shown is not None:         # shown in the prompt, of the user's earlier samples (at most K)
         out["demos_shown"] = round(float(np.mean(demos_shown)), 3)
+        out["demos_available"] = round(float(np.mean([min(len(s.demos), k) for s in rows])), 3)
     return out
 
 
@@ -364,7 +365,7 @@ def cmd_eval(a):
         for p, rs in rows.items():
             if p in sc:
                 results.append({"method": name, "kind": "llm" if name in llm else "control", "period": f"D{p}",
-                                **period_metrics(rs, sc[p], shown.get(name, {}).get(p))})
+                                **period_metrics(rs, sc[p], shown.get(name, {}).get(p), a.demos)})
     report(results, diffs, best, a, time.time() - t0)
 
 
@@ -391,7 +392,7 @@ def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
 
 def report(results, diffs, best, a, elapsed):
     periods = [f"D{p}" for p in range(a.train_periods, a.periods)]
-    print(f"{'method':<26}" + "".join(f"{p:>7}" for p in periods) + f"{'AUC':>7}{'UAUC':>7}{'users':>6}{'demos':>6}"
+    print(f"{'method':<26}" + "".join(f"{p:>7}" for p in periods) + f"{'AUC':>7}{'UAUC':>7}{'users':>6}{'demos':>10}"
           f"   AUC - {best} (best control), 95% CI")
     summary = []
     for name in dict.fromkeys(r["method"] for r in results):
@@ -401,16 +402,19 @@ def report(results, diffs, best, a, elapsed):
                "mean_uauc": round(float(np.nanmean([r["uauc"] for r in mine.values()])), 4),
                "mean_uauc_users": round(float(np.mean([r["uauc_users"] for r in mine.values()])), 1)}
         if "demos_shown" in next(iter(mine.values())):
-            row["mean_demos_shown"] = round(float(np.mean([r["demos_shown"] for r in mine.values()])), 3)
+            for key in ("demos_shown", "demos_available"):
+                row[f"mean_{key}"] = round(float(np.mean([r[key] for r in mine.values()])), 3)
         if name in diffs:
             row["vs_best_control"] = diffs[name]
         summary.append(row)
         d = diffs.get(name)
         print(f"{name:<26}" + "".join(f"{x:>7.3f}" for x in aucs) + f"{row['mean_auc']:>7.3f}{row['mean_uauc']:>7.3f}"
-              f"{row['mean_uauc_users']:>6.1f}{row.get('mean_demos_shown', float('nan')):>6.2f}"
+              f"{row['mean_uauc_users']:>6.1f}"
+              + (f"{row['mean_demos_shown']:>5.2f}/{row['mean_demos_available']:<4.2f}" if "mean_demos_shown" in row else " " * 10)
               + (f"   {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else ""))
     print("AUC per period and mean; UAUC: mean over periods of the mean per-user AUC, over the users ('users', per "
-          "period) whose rows hold both classes; demos: mean demonstrations shown per prompt.")
+          "period) whose rows hold both classes; demos: mean demonstrations shown per prompt / the user's earlier samples "
+          "available (at most K).")
     if any(r["method"] == UPDATED for r in results):
         gains = [next(r["auc"] for r in results if r["method"] == UPDATED and r["period"] == p) -
                  next(r["auc"] for r in results if r["method"] == "RecICL" and r["period"] == p)

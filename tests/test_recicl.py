@@ -54,7 +54,7 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     auc_rows = [r for r in res["rows"] if r["method"] != R.UPDATED]
     assert {r["period"] for r in auc_rows} == {"D5", "D6", "D7", "D8", "D9"}
     assert all(r["n"] == 12 and r["users"] >= 3 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
-    assert all(0 <= r["demos_shown"] <= 4 for r in auc_rows if r["method"] in ("RecICL", "base + ICL"))
+    assert all(0 <= r["demos_shown"] <= r["demos_available"] <= 4 for r in auc_rows if r["method"] in ("RecICL", "base + ICL"))
     summary = {r["method"]: r for r in res["summary"]}
     assert summary["RecICL"]["vs_best_control"]["vs"] == res["best_control"] in controls
     assert "vs_best_control" not in summary["LogReg"]
