@@ -34,7 +34,7 @@ and the candidates, then "Answer:". LoRA is tuned on ' "<true title>"' + end-of-
 the loss on those tokens only. Eval: greedy generation (at most 64 new tokens, first line),
 ValidRatio (the line names exactly one candidate) and HR@1 = hits over ALL rows; and a ranking
 of the 20 candidates by the model's log-probability of ' "<title>"' + EOS after the prompt
-(one shared prefix, model.logprobs_after): HR@1, HR@5, NDCG@5, ties against the target.
+(one shared prefix, generate.logprobs_after): HR@1, HR@5, NDCG@5, ties against the target.
 
 Every configuration (M, selection) is its own adapter, tuned with the same settings on the same
 rows: `train --configs 0,5:llm` (the default) tunes OUT/m0 and OUT/m5-llm, and `eval --configs`
@@ -67,6 +67,7 @@ import torch
 import data as D
 import eval as E
 import lora
+import generate
 import model as M
 import train as T
 
@@ -144,7 +145,7 @@ def embed_texts(model: M.Llama, tok: M.Tokenizer, texts: list, batch_size: int =
     t0 = time.time()
     for n, s in enumerate(range(0, len(order), batch_size)):
         chunk = order[s:s + batch_size]
-        idx, valid = M.pad([ids[k] for k in chunk], left=False, device=M.model_device(model))
+        idx, valid = generate.pad([ids[k] for k in chunk], left=False, device=generate.model_device(model))
         h = model(idx, valid).float()                                            # (b, T, D)
         w = valid[..., None].float()
         out[chunk] = ((h * w).sum(1) / w.sum(1)).cpu()
@@ -270,7 +271,7 @@ def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size:
     lead, digit_ids = digits
     prefix, conts = judge_texts([d.titles[i] for i in history], [[d.titles[i] for i in o] for o in others])
     conts = [tok.encode(c, bos=False) + lead for c in conts]
-    p = torch.softmax(M.next_token_logits(model, conts, prefix=tok.encode(prefix), batch_size=batch_size,
+    p = torch.softmax(generate.next_token_logits(model, conts, prefix=tok.encode(prefix), batch_size=batch_size,
                                           vocab_ids=digit_ids), -1)
     return (p @ torch.arange(1, 10, dtype=torch.float32)).tolist()
 
@@ -400,9 +401,9 @@ def make_example(prompter: Prompter, r: D.SeqRow, demos: list) -> Example:
 
 def loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the answer tokens (' "<title>"' + EOS) of each example."""
-    dev = M.model_device(model)
-    idx, valid = M.pad([e.ids[:-1] for e in batch], left=False, device=dev)          # (b, T)
-    targets, _ = M.pad([e.ids[1:] for e in batch], left=False, device=dev)
+    dev = generate.model_device(model)
+    idx, valid = generate.pad([e.ids[:-1] for e in batch], left=False, device=dev)          # (b, T)
+    targets, _ = generate.pad([e.ids[1:] for e in batch], left=False, device=dev)
     supervised = torch.zeros_like(valid)
     for b, e in enumerate(batch):
         supervised[b, e.n_prompt - 1:len(e.ids) - 1] = True     # position t predicts token t + 1
@@ -422,10 +423,10 @@ def answer_and_rank(model, tok, prompter: Prompter, rows: list, demos: dict, bat
     answers, logprobs, t0 = [None] * len(rows), [None] * len(rows), time.time()
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        cache, logits = M.prefill_batch(model, [prompts[k] for k in chunk], max_new_tokens)
+        cache, logits = generate.prefill_batch(model, [prompts[k] for k in chunk], max_new_tokens)
         for b, k in enumerate(chunk):
-            logprobs[k] = M.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in rows[k].candidates])
-        new = M.decode(model, cache, logits, max_new_tokens, stop=["\n"], tokenizer=tok)
+            logprobs[k] = generate.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in rows[k].candidates])
+        new = generate.decode(model, cache, logits, max_new_tokens, stop=["\n"], tokenizer=tok)
         for k, ids in zip(chunk, new):
             answers[k] = tok.decode(ids).strip().split("\n")[0].strip()
         if log:
@@ -476,7 +477,7 @@ def add_common(p):
     p.add_argument("--judge-history", type=T.count(1), default=5, help="last items of each retrieved user shown to the stage-2 judge")
     p.add_argument("--max-len", type=T.count(16), default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", type=M.parse_dtype, default=torch.float32)
+    p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
 
 
 def data_key(d: D.Data) -> str:
@@ -501,7 +502,7 @@ def setup(a, log) -> Setup:
     d = D.load(a.dataset, a.format)
     rows = D.sequential_rows(d, seed=a.seed)
     pool = build_pool(d)
-    model, tok = M.load(a.model, dtype=a.dtype)
+    model, tok = generate.load_model(a.model, dtype=a.dtype)
     if a.max_len + 64 > model.args.max_seq_len:
         raise ValueError(f"--max-len {a.max_len} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
     key = f"{model_key(model)}-{data_key(d)}"
@@ -579,7 +580,7 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     steps = max(1, round(len(examples) * a.epochs / a.batch_size))
     log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
            f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
-    model = M.load(a.model, dtype=a.dtype)[0]
+    model = generate.load_model(a.model, dtype=a.dtype)[0]
     cfg = T.config_from_args(model, a, os.path.join(a.out, run_name(m, how)), steps)
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
     validate = (lambda mod: E.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, demos,
@@ -620,8 +621,8 @@ def causal_pop(d: D.Data, rows: list) -> np.ndarray:
 def title_prior(model, tok, prompter: Prompter, items: list) -> dict:
     """item -> log p(' "<title>"' + EOS | a prompt with no user in it), from the base model."""
     prompt = tok.encode(SYSTEM + "Recommend one movie.\nAnswer:")
-    cache, logits = M.prefill_batch(model, [prompt], 0)
-    lp = M.logprobs_after(model, cache.row(0), logits[0], [prompter.answer(i) for i in items])
+    cache, logits = generate.prefill_batch(model, [prompt], 0)
+    lp = generate.logprobs_after(model, cache.row(0), logits[0], [prompter.answer(i) for i in items])
     return dict(zip(items, lp.tolist()))
 
 
@@ -690,7 +691,7 @@ def cmd_eval(a):
                 log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
                        f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
                 continue
-            model, name = M.load(a.model, dtype=a.dtype)[0], "AdaptRec"
+            model, name = generate.load_model(a.model, dtype=a.dtype)[0], "AdaptRec"
             lora.load_adapter(model, path)
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, demos[(m, how)], a, log_fn)

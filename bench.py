@@ -140,20 +140,21 @@ def worker(side: str, model_dir: str, dtype: str, default_malloc: bool = False):
     if side.endswith("-lora"):
         return lora_worker(side[:-5], model_dir, default_malloc)
     if side == "ours":
+        import generate
         import model as M
         m, _ = M.load(model_dir, dtype=getattr(torch, dtype))
         never = []
 
         def prefill():
-            cache = M.KVCache(m.args, 1, len(PROMPT_512), M.model_dtype(m))
+            cache = M.KVCache(m.args, 1, len(PROMPT_512), generate.model_dtype(m))
             return m.head(m(torch.tensor([PROMPT_512]), cache=cache)[:, -1])[0]
 
         def decode():
-            return M.generate(m, [PROMPT_64], max_new_tokens=128, eos_ids=never)[0]
+            return generate.generate(m, [PROMPT_64], max_new_tokens=128, eos_ids=never)[0]
 
         def decode_at(position, steps=32):
             ids = torch.tensor([[100 + (i * 7919) % 39000 for i in range(position)]])
-            cache = M.KVCache(m.args, 1, position + steps, M.model_dtype(m))
+            cache = M.KVCache(m.args, 1, position + steps, generate.model_dtype(m))
             m(ids, cache=cache)
             tok = torch.tensor([[1000]])
             t0 = time.perf_counter()

@@ -6,12 +6,9 @@ What is here, top to bottom:
   Attention, MLP, Block, Llama       modules named exactly like the HF checkpoint keys
   KVCache              preallocated (B, n_kv, T_max, hd) tensors written at explicit slots
   load                 strict loader for a HF-layout directory (safetensors, single or sharded)
-  generate             greedy / temperature + top-p sampling, EOS and stop strings, seeded
-                       (= prefill_batch, then decode)
-  continuation_logprobs, logprobs_after, next_token_logits
-                       batched scoring (shared prefix computed once; KVCache.row lets one
-                       row of a batch prefill serve as that prefix)
-  main                 `python model.py --prompt "..."`
+  Tokenizer            tokenizer.json plus the checkpoint's BOS rule; text is always plain text
+
+Generation and batched scoring are in generate.py. This file imports nothing from the project.
 
 What is left out: rope scaling, attention/MLP biases, activations other than SiLU, sliding
 windows. A config that asks for one of them is refused by name (see ModelArgs.from_hf_config).
@@ -34,13 +31,10 @@ Ainslie et al. 2023, GQA (arXiv 2305.13245). HF Llama layout: q/k rotate halves 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import struct
-import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -703,14 +697,10 @@ def checkpoint_files(model_dir: str) -> list[str]:
     return [single]
 
 
-def load(model_dir: str | None = None, dtype=torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
+def load(model_dir: str, dtype=torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
     """Strictly load a HF Llama directory (config.json, tokenizer.json, safetensors).
     Every expected tensor must be present with its exact shape; missing, extra or mis-shaped
-    tensors are errors that name them. With model_dir None, the default model (fetched and
-    converted once into the cache, see convert_gguf.py)."""
-    if model_dir is None:
-        from convert_gguf import default_model_dir
-        model_dir = default_model_dir()
+    tensors are errors that name them. (The default model: generate.load_model.)"""
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
@@ -792,214 +782,3 @@ def load_tokenizer(model_dir: str, args: ModelArgs) -> Tokenizer:
         raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                          f"{args.vocab_size}: ids past it would index outside the embeddings")
     return tok
-
-
-# ----------------------------------------------------------------------------- inference
-
-def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and valid mask. left=True ends every row at the last column (generation
-    appends there); left=False starts every row at column 0 (continuations after a prefix)."""
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(r) for r in rows)
-    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        cols = slice(T - len(r), T) if left else slice(0, len(r))
-        idx[b, cols] = torch.tensor(r)
-        valid[b, cols] = True
-    return idx.to(device), valid.to(device)
-
-
-def model_device(model: Llama):
-    return model.model.embed_tokens.weight.device
-
-
-def model_dtype(model: Llama):
-    return model.model.embed_tokens.weight.dtype
-
-
-def prefill(model: Llama, ids: list[int], extra: int = 0) -> tuple[KVCache, torch.Tensor]:
-    """Run one prompt into a fresh batch-1 cache with `extra` free slots; returns the cache
-    and the fp32 logits (V,) for the token after the prompt."""
-    cache = KVCache(model.args, 1, len(ids) + extra, model_dtype(model), model_device(model))
-    h = model(torch.tensor([ids], device=model_device(model)), cache=cache)
-    return cache, model.head(h[0, -1])
-
-
-@torch.no_grad()
-def next_token_logits(model: Llama, prompts: list[list[int]], prefix: list[int] | None = None,
-                      batch_size: int = 16, vocab_ids: list[int] | None = None) -> torch.Tensor:
-    """fp32 logits (N, V) (or (N, len(vocab_ids))) for the token after each prompt. With
-    `prefix`, each prompt is a continuation of that shared prefix, which is computed once."""
-    dev = model_device(model)
-    shared = prefill(model, prefix)[0] if prefix else None
-    vid = None if vocab_ids is None else torch.tensor(vocab_ids, device=dev)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        idx, valid = pad(prompts[s:s + batch_size], left=False, device=dev)
-        h = model(idx, valid, prefix=shared)
-        last = valid.long().sum(1) - 1                                              # (b,)
-        out.append(model.head(h[torch.arange(len(last)), last], vid))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def continuation_logprobs(model: Llama, prompt: list[int], continuations: list[list[int]],
-                          batch_size: int = 32) -> torch.Tensor:
-    """Sum of log p(continuation tokens | prompt) for each continuation, (N,) fp32.
-    The prompt is run once into a batch-1 cache that all continuations attend to."""
-    cache, first_logits = prefill(model, prompt)
-    return logprobs_after(model, cache, first_logits, continuations, batch_size)
-
-
-@torch.no_grad()
-def logprobs_after(model: Llama, prefix: KVCache, first_logits: torch.Tensor, continuations: list[list[int]],
-                   batch_size: int = 32) -> torch.Tensor:
-    """continuation_logprobs for a prompt already in a batch-1 cache `prefix` (read only),
-    whose next-token logits are first_logits (V,)."""
-    dev = model_device(model)
-    first_lp = torch.log_softmax(first_logits.float(), -1)                           # (V,)
-    out = []
-    for s in range(0, len(continuations), batch_size):
-        chunk = continuations[s:s + batch_size]
-        idx, valid = pad(chunk, left=False, device=dev)                                   # (b, T)
-        total = first_lp[idx[:, 0]]
-        if idx.shape[1] > 1:
-            h = model(idx[:, :-1], valid[:, :-1], prefix=prefix)                    # (b, T-1, D)
-            tgt_valid = valid[:, 1:]
-            lp = torch.log_softmax(model.head(h[tgt_valid]), -1)                     # (n, V)
-            tok_lp = torch.zeros(tgt_valid.shape, device=dev)
-            tok_lp[tgt_valid] = lp.gather(1, idx[:, 1:][tgt_valid][:, None])[:, 0]
-            total = total + tok_lp.sum(1)
-        out.append(total)
-    return torch.cat(out)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) fp32 -> (B,) ids. temperature 0 = greedy; top_p keeps the smallest set of
-    most likely tokens whose probability reaches top_p (Holtzman et al. 2019)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        p_sorted, order = probs.sort(-1, descending=True)
-        drop = p_sorted.cumsum(-1) - p_sorted >= top_p        # the mass before this token already reaches top_p
-        p_sorted = p_sorted.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, p_sorted)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
-@torch.inference_mode()   # cache and outputs stay local; ~2% faster decoding than no_grad
-def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, eos_ids: list[int] | None = None, stop: list[str] | None = None,
-             tokenizer: Tokenizer | None = None, seed: int | None = None) -> list[list[int]]:
-    """Continue a batch of prompts (left-padded, per-row positions) with a KV cache.
-    A row stops at an EOS id (not included) or when its decoded text contains a stop string
-    (the text is not cut here; see `cut_at_stop`). Returns the new ids of each row."""
-    cache, logits = prefill_batch(model, prompts, max_new_tokens)
-    return decode(model, cache, logits, max_new_tokens, temperature, top_p, eos_ids, stop, tokenizer, seed)
-
-
-def prefill_batch(model: Llama, prompts: list[list[int]], extra: int) -> tuple[KVCache, torch.Tensor]:
-    """Prompts into one left-padded cache with `extra` free slots; (cache, (B, V) fp32 logits).
-    Each prompt is prefilled alone (no pads: plain causal attention, smaller activations) and
-    its keys/values are copied to the right end of its row. The cache then holds what one
-    left-padded forward of the whole batch writes (tests/test_model.py checks it), and it is
-    ~25% faster on CPU for prompts of hundreds of tokens (measured, 8 prompts of ~700)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(p) for p in prompts)
-    cache = KVCache(model.args, len(prompts), T + extra, model_dtype(model), model_device(model))
-    logits = []
-    for b, p in enumerate(prompts):
-        one, first = prefill(model, p)
-        cache.put_row(b, one, T - len(p))
-        logits.append(first)
-    cache.length = T
-    return cache, torch.stack(logits)
-
-
-def decode(model: Llama, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 1.0, eos_ids: list[int] | None = None, stop: list[str] | None = None,
-           tokenizer: Tokenizer | None = None, seed: int | None = None) -> list[list[int]]:
-    """The decoding loop of `generate`, from a filled cache and its next-token logits (B, V)."""
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need the tokenizer")
-    eos = set(model.args.eos_ids if eos_ids is None else eos_ids)
-    dev = model_device(model)
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    B = logits.shape[0]
-    out = [[] for _ in range(B)]
-    done = [False] * B
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)                           # (B,)
-        for b, t in enumerate(nxt.tolist()):
-            if done[b]:
-                continue
-            if t in eos:
-                done[b] = True
-                continue
-            out[b].append(t)
-            if stop and any(s in tokenizer.decode(out[b]) for s in stop):
-                done[b] = True
-        if all(done):
-            break
-        alive = torch.tensor([not d for d in done], device=dev)[:, None]           # finished rows feed pads
-        h = model(nxt[:, None], alive, cache=cache)
-        logits = model.head(h[:, -1])
-    return out
-
-
-def cut_at_stop(text: str, stop: list[str] | None) -> str:
-    for s in stop or []:
-        if s in text:
-            text = text[:text.index(s)]
-    return text
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def parse_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(dtypes)}")
-    return dtypes[name]
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with a Llama checkpoint (HF layout). "
-                                "Without --model, the default SmolLM2-135M-Instruct is fetched and converted once.")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--model", default=None, help="HF Llama directory (config.json, tokenizer.json, *.safetensors)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", type=parse_dtype, default=torch.float32, help="float32 (default) or bfloat16")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in ChatML (<|im_start|>...)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
-    try:
-        model, tok = load(a.model, dtype=a.dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    try:
-        ids = tok.encode(a.prompt)
-        if a.chat:                                  # control tokens by id, the prompt as plain text
-            start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
-            ids = ([start] + tok.encode(f"user\n{a.prompt}") + [end] + tok.encode("\n", bos=False) + [start]
-                   + tok.encode("assistant\n", bos=False))
-        t0 = time.perf_counter()
-        new = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, stop=a.stop, tokenizer=tok, seed=a.seed)[0]
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    dt = time.perf_counter() - t0
-    print(cut_at_stop(tok.decode(new), a.stop))
-    print(f"[{len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f}s: {len(new) / dt:.1f} tok/s]", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

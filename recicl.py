@@ -37,6 +37,7 @@ import torch
 import data as D
 import eval as E
 import lora
+import generate
 import model as M
 import train as T
 
@@ -117,7 +118,7 @@ def answer_ids(tok: M.Tokenizer) -> list:
 
 def yes_no_logits(model, rows_ids: list, ans: list) -> torch.Tensor:
     """(N, 2) fp32 logits of [Yes, No] after each prompt; differentiable (no no_grad here)."""
-    idx, valid = M.pad(rows_ids, left=False, device=M.model_device(model))
+    idx, valid = generate.pad(rows_ids, left=False, device=generate.model_device(model))
     last = valid.long().sum(1, keepdim=True) - 1                    # (N, 1) slot of each prompt's last token
     h = model(idx, valid, at=last)                                   # (N, 1, D)
     return model.head(h[:, 0], torch.tensor(ans, device=idx.device))
@@ -163,7 +164,7 @@ def add_common(p):
     p.add_argument("--demo-history", type=T.count(0), default=3, help="liked titles shown inside each demonstration")
     p.add_argument("--max-len", type=T.count(16), default=512, help="prompt budget in tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", type=M.parse_dtype, default=torch.float32)
+    p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
 
 
 def add_train_args(p):
@@ -177,7 +178,7 @@ def add_train_args(p):
 def setup(a, log):
     d = D.load(a.dataset, a.format)
     samples = D.recicl_samples(d, a.periods, a.threshold, k_demos=max(a.demos, 0), max_history=10)
-    model, tok = M.load(a.model, dtype=a.dtype)
+    model, tok = generate.load_model(a.model, dtype=a.dtype)
     if a.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len {a.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     ans = answer_ids(tok)
@@ -225,7 +226,7 @@ def adapter_dir(run_dir: str) -> str:
 
 def tuned_model(a, path: str):
     """A fresh copy of the base model with the adapter in `path`."""
-    m = M.load(a.model, dtype=a.dtype)[0]
+    m = generate.load_model(a.model, dtype=a.dtype)[0]
     lora.load_adapter(m, path)
     return m
 
@@ -384,7 +385,7 @@ def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
         out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
         if not os.path.exists(os.path.join(adapter_dir(out_dir), "adapter_config.json")):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
-            train_adapter(a, d, samples, M.load(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
+            train_adapter(a, d, samples, generate.load_model(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
         m = tuned_model(a, adapter_dir(out_dir))      # the best adapter, not the last step
         out[p] = score(m, prompter, rows[p], ans, a.score_batch)
     return {UPDATED: out}
@@ -480,7 +481,7 @@ def rank_for_user(model, tok, prompter, d, history, cands, ans, a):
     titles = prompter.titles(liked)
     prefix = tok.encode(SYSTEM + "".join(prompter.demo_text(s) for s in demos) + split_query(titles, d.titles[longest])[0])
     suffixes = [tok.encode(split_query(titles, d.titles[c])[1], bos=False) for c in cands]
-    lg = M.next_token_logits(model, suffixes, prefix=prefix, batch_size=a.batch_size, vocab_ids=ans)
+    lg = generate.next_token_logits(model, suffixes, prefix=prefix, batch_size=a.batch_size, vocab_ids=ans)
     s = (lg[:, 0] - lg[:, 1]).tolist()
     return sorted(zip(cands, s), key=lambda x: -x[1])
 

@@ -1,7 +1,6 @@
 """adaptrec.py: retrieval against brute force, no self and no future in what is retrieved,
 shared-prefix ranking against a plain full-sequence forward, the answer-only loss, selection
 rules, and train / eval / recommend end to end on a tiny random model and tiny data."""
-import argparse
 import json
 import os
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 import adaptrec as A
 import data as D
+import generate
 import model as M
 from test_recicl import write_tiny_movielens
 
@@ -114,14 +114,14 @@ def test_shared_prefix_ranking_equals_separate_scoring(dirs):
     prompts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (17, 30, 9)]
     conts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (1, 4, 6, 3)]
     with torch.inference_mode():
-        cache, logits = M.prefill_batch(m, prompts, extra=8)
+        cache, logits = generate.prefill_batch(m, prompts, extra=8)
         for b, p in enumerate(prompts):
-            got = M.logprobs_after(m, cache.row(b), logits[b], conts, batch_size=3)
+            got = generate.logprobs_after(m, cache.row(b), logits[b], conts, batch_size=3)
             ref = [full_sequence_logprob(m, p, c) for c in conts]
             assert np.allclose(got.numpy(), ref, atol=1e-4)
         # and the same cache still decodes what generate() gives
-        new = M.decode(m, cache, logits, 6, eos_ids=[])
-    assert new == M.generate(m, prompts, max_new_tokens=6, eos_ids=[])
+        new = generate.decode(m, cache, logits, 6, eos_ids=[])
+    assert new == generate.generate(m, prompts, max_new_tokens=6, eos_ids=[])
 
 
 def test_answer_only_loss_against_cross_entropy(dirs):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lora
+import generate
 import model as M
 
 
@@ -202,7 +203,7 @@ def test_training_gradients_match_peft_on_a_padded_batch(tiny_untied, tmp_path):
     pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ad"), is_trainable=True).eval()
     g = torch.Generator().manual_seed(4)
     rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (150, 121, 77)]   # > 2 attention blocks
-    idx, valid = M.pad(rows, left=False)
+    idx, valid = generate.pad(rows, left=False)
     supervised = torch.zeros_like(valid)
     for b, n in enumerate((150, 121, 77)):
         supervised[b, n - 6:n - 1] = True                  # position t predicts token t + 1

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import generate
 import model as M
 from conftest import make_tiny_dir
 
@@ -131,7 +132,7 @@ def test_rows_at_equal_the_full_forward(tiny):
     m, _ = M.load(path)
     torch.manual_seed(9)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (23, 9, 16)]
-    idx, valid = M.pad(prompts, left=True)
+    idx, valid = generate.pad(prompts, left=True)
     at = torch.tensor([[22, 5, 0], [22, 3, 14], [7, 22, 22]])       # a repeat (row 2) and a pad slot (3 of row 1) too
     with torch.no_grad():
         full = m(idx, valid)
@@ -183,7 +184,7 @@ def test_left_padded_batch_equals_each_alone(tiny):
     m, _ = M.load(path)
     torch.manual_seed(5)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 11, 7, 1)]
-    idx, valid = M.pad(prompts, left=True)
+    idx, valid = generate.pad(prompts, left=True)
     with torch.no_grad():
         cache = M.KVCache(m.args, len(prompts), idx.shape[1] + 6)
         h = m(idx, valid, cache=cache)
@@ -206,8 +207,8 @@ def test_prefill_batch_equals_one_padded_forward(tiny):
     m, _ = M.load(path)
     torch.manual_seed(8)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (4, 13, 9, 1)]
-    cache, logits = M.prefill_batch(m, prompts, extra=5)
-    idx, valid = M.pad(prompts, left=True)
+    cache, logits = generate.prefill_batch(m, prompts, extra=5)
+    idx, valid = generate.pad(prompts, left=True)
     ref = M.KVCache(m.args, len(prompts), idx.shape[1] + 5)
     with torch.no_grad():
         ref_logits = m.head(m(idx, valid, cache=ref)[:, -1])
@@ -219,7 +220,7 @@ def test_prefill_batch_equals_one_padded_forward(tiny):
         assert torch.allclose(cache.v[i][slots], ref.v[i][slots], atol=1e-5, rtol=0)
     assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="at least one token"):
-        M.prefill_batch(m, [[1, 2], []], extra=1)
+        generate.prefill_batch(m, [[1, 2], []], extra=1)
 
 
 def test_generate_batch_equals_single_and_transformers(tiny_untied):
@@ -227,9 +228,9 @@ def test_generate_batch_equals_single_and_transformers(tiny_untied):
     m, _ = M.load(path)
     torch.manual_seed(6)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 9)]
-    batch = M.generate(m, prompts, max_new_tokens=10, eos_ids=[])
+    batch = generate.generate(m, prompts, max_new_tokens=10, eos_ids=[])
     for p, got in zip(prompts, batch):
-        assert got == M.generate(m, [p], max_new_tokens=10, eos_ids=[])[0]
+        assert got == generate.generate(m, [p], max_new_tokens=10, eos_ids=[])[0]
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                               pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
@@ -240,28 +241,28 @@ def test_generate_eos_stop_and_seeded_sampling(tiny_untied):
     path, _ = tiny_untied
     m, tok = M.load(path)
     p = [5, 6, 7, 8]
-    greedy = M.generate(m, [p], max_new_tokens=8, eos_ids=[])[0]
+    greedy = generate.generate(m, [p], max_new_tokens=8, eos_ids=[])[0]
     # stopping at an id: the output ends right before its first occurrence
-    cut = M.generate(m, [p], max_new_tokens=8, eos_ids=[greedy[3]])[0]
+    cut = generate.generate(m, [p], max_new_tokens=8, eos_ids=[greedy[3]])[0]
     assert cut == greedy[:greedy.index(greedy[3])]
     # stop strings: generation ends at the token whose text completes the stop string
     text = tok.decode(greedy)
     stop = text[2:4]
-    out = M.generate(m, [p], max_new_tokens=8, eos_ids=[], stop=[stop], tokenizer=tok)[0]
+    out = generate.generate(m, [p], max_new_tokens=8, eos_ids=[], stop=[stop], tokenizer=tok)[0]
     assert stop in tok.decode(out) and stop not in tok.decode(out[:-1])
-    assert M.cut_at_stop(tok.decode(out), [stop]) == tok.decode(out)[:tok.decode(out).index(stop)]
-    a = M.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=7)
-    b = M.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=7)
-    c = M.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=8)
+    assert generate.cut_at_stop(tok.decode(out), [stop]) == tok.decode(out)[:tok.decode(out).index(stop)]
+    a = generate.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=7)
+    b = generate.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=7)
+    c = generate.generate(m, [p], max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=[], seed=8)
     assert a == b and a != c
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    drawn = {int(M.sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
+    drawn = {int(generate.sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
     assert drawn == {0, 1}        # 0.5 < 0.7 <= 0.8: the first two tokens form the nucleus
-    drawn = {int(M.sample_next(logits, 1.0, 1.0, g)) for _ in range(2000)}
+    drawn = {int(generate.sample_next(logits, 1.0, 1.0, g)) for _ in range(2000)}
     assert drawn == {0, 1, 2, 3}
 
 
@@ -277,10 +278,10 @@ def test_shared_prefix_with_20_continuations_equals_full_sequences(tiny):
         ref = sum(lp[len(prefix) - 1 + j, c[j]] for j in range(len(c)))
         assert abs(g.item() - ref.item()) < 1e-4
     # next-token logits after prefix + suffix equal those of the whole sequence
-    nxt = M.next_token_logits(m, conts, prefix=prefix, batch_size=6)
+    nxt = generate.next_token_logits(m, conts, prefix=prefix, batch_size=6)
     for c, row in zip(conts, nxt):
         assert torch.allclose(row, full_logits(m, prefix + c)[-1], atol=1e-5, rtol=0)
-    sub = M.next_token_logits(m, conts[:3], prefix=prefix, vocab_ids=[4, 9])
+    sub = generate.next_token_logits(m, conts[:3], prefix=prefix, vocab_ids=[4, 9])
     assert torch.allclose(sub, nxt[:3, [4, 9]], atol=1e-6)
 
 
@@ -288,7 +289,7 @@ def test_next_token_logits_without_prefix_right_pads(tiny_untied):
     path, _ = tiny_untied
     m, _ = M.load(path)
     prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11]]
-    got = M.next_token_logits(m, prompts)
+    got = generate.next_token_logits(m, prompts)
     for p, row in zip(prompts, got):
         assert torch.allclose(row, full_logits(m, p)[-1], atol=1e-5, rtol=0)
 
@@ -395,6 +396,6 @@ def test_missing_directory_and_cache_overflow(tiny_untied, tmp_path):
 
 def test_cli_generates(tiny_untied, capsys):
     path, _ = tiny_untied
-    M.main(["--prompt", "hello", "--model", path, "--max-new-tokens", "5"])
+    generate.main(["--prompt", "hello", "--model", path, "--max-new-tokens", "5"])
     out = capsys.readouterr()
     assert "tok/s" in out.err and len(out.out.strip("\n")) > 0

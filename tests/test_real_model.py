@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import generate
 import model as M
 
 TEXTS = [
@@ -56,13 +57,13 @@ def test_greedy_32_tokens_match_transformers(both):
     ours, tok, ref, _ = both
     for t in PROMPTS:
         ids = tok.encode(t)
-        got = M.generate(ours, [ids], max_new_tokens=32, eos_ids=[])[0]
+        got = generate.generate(ours, [ids], max_new_tokens=32, eos_ids=[])[0]
         with torch.no_grad():
             exp = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=32, do_sample=False, pad_token_id=2,
                                eos_token_id=ours.args.vocab_size + 1)  # an id never produced: no early stop
         assert got == exp[0, len(ids):].tolist(), (t, tok.decode(got))
-    assert "Paris" in tok.decode(M.generate(ours, [tok.encode(PROMPTS[0])], max_new_tokens=8)[0])
+    assert "Paris" in tok.decode(generate.generate(ours, [tok.encode(PROMPTS[0])], max_new_tokens=8)[0])
 
 
 def test_lora_training_gradients_match_peft(both, default_dir, tmp_path):
@@ -79,7 +80,7 @@ def test_lora_training_gradients_match_peft(both, default_dir, tmp_path):
             mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.01)
     lora.save_adapter(ours, str(tmp_path / "ad"), base_model=default_dir)
     rows = [tok.encode(" ".join(TEXTS) * 2), tok.encode(" ".join(PROMPTS))]
-    idx, valid = M.pad(rows, left=False)
+    idx, valid = generate.pad(rows, left=False)
     supervised = torch.zeros_like(valid)
     for b, ids in enumerate(rows):
         supervised[b, len(ids) - 9:len(ids) - 1] = True       # the last 8 tokens are predicted
