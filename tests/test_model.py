@@ -272,7 +272,8 @@ def test_shared_prefix_with_20_continuations_equals_full_sequences(tiny):
     torch.manual_seed(8)
     prefix = torch.randint(0, 300, (25,)).tolist()
     conts = [torch.randint(0, 300, (int(n),)).tolist() for n in torch.randint(1, 9, (20,))]
-    got = M.continuation_logprobs(m, prefix, conts, batch_size=7)
+    cache, first = generate.prefill(m, prefix)
+    got = generate.logprobs_after(m, cache, first, conts, batch_size=7)
     for c, g in zip(conts, got):
         lp = torch.log_softmax(full_logits(m, prefix + c), -1)
         ref = sum(lp[len(prefix) - 1 + j, c[j]] for j in range(len(c)))
