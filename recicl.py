@@ -4,7 +4,9 @@ time the user's newest feedback enters the prompt as demonstrations, with no wei
 
     python recicl.py train                 # RecICL adapter (K = 4 demonstrations)
     python recicl.py train --demos 0       # the TALLRec-style baseline: same question, no demos
-    python recicl.py eval                  # AUC / UAUC per test period D5..D9, results.json
+    python recicl.py eval                  # AUC / UAUC per test period D5..D9 beside causal controls
+                                           # (DemoLikeRate, UserLikeRate, ItemLikeRate (t), LogReg,
+                                           # frozen Pop / ItemLikeRate / MF), results.json
     python recicl.py recommend --user 42 [--feedback 50:5 ...]
 
 Task: does user u like item i (rating >= threshold)? One block of the prompt:
