@@ -14,7 +14,6 @@ are summed across ranks with all_reduce, so every rank applies the update a sing
 would make on the whole batch. Backend gloo on CPU, nccl on GPU. Only rank 0 writes files.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import lora
+from fetch import sha256
 
 
 @dataclass
@@ -184,14 +184,6 @@ def write_json(obj, path: str):
         raise
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # A checkpoint is two files, neither of them a pickle: checkpoint-<step>.safetensors (adapter,
 # AdamW moments, RNG tensors) and checkpoint.json (step, best, settings, optimizer and scheduler
 # hyper-parameters, the other RNG states, and the tensor file's name and SHA-256). The tensor
@@ -212,7 +204,7 @@ def save_checkpoint(out_dir, model, opt, sched, step, best, settings, rng, pendi
     save_file(tensors, tmp)
     os.replace(tmp, os.path.join(out_dir, name))
     write_json({"step": step, "best": best, "settings": settings, "pending_validation": pending_validation,
-                "tensors": name, "sha256": file_sha256(os.path.join(out_dir, name)),
+                "tensors": name, "sha256": sha256(os.path.join(out_dir, name)),
                 "optimizer": {"param_groups": opt_sd["param_groups"], "state_keys": {i: list(st) for i, st in opt_sd["state"].items()}},
                 "scheduler": sched.state_dict(), "rng": rng["plain"]}, os.path.join(out_dir, "checkpoint.json"))
     for f in os.listdir(out_dir):
@@ -239,7 +231,7 @@ def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, fl
         raise ValueError(f"--resume: the checkpoint in {out_dir} was made with other settings: "
                          + ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in differ[:6])
                          + "; run again with the checkpoint's settings, or without --resume in a new --out")
-    if not os.path.exists(tensor_path) or file_sha256(tensor_path) != ck.get("sha256"):
+    if not os.path.exists(tensor_path) or sha256(tensor_path) != ck.get("sha256"):
         raise ValueError(f"{path}: its tensor file {tensor_path} is missing or does not match its SHA-256")
     t = load_file(tensor_path)
     params = lora.adapter_params(model)
