@@ -796,7 +796,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}[a.cmd](a)
+        # train and eval write under --out (adapters, caches, results.json): one such run per directory
+        lock = T.RunLock(a.out) if a.cmd in ("train", "eval") else None
+        try:
+            {"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}[a.cmd](a)
+        finally:
+            if lock:
+                lock.release()
     except (OSError, ValueError, RuntimeError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:

@@ -300,3 +300,14 @@ def test_a_killed_runs_temporary_files_are_removed_not_trusted(tiny_untied, tmp_
     T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(out), steps=1, batch_size=2))
     left = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if ".tmp" in f]
     assert left == [] and json.load(open(out / "checkpoint.json"))["step"] == 1
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    """K5: two runs on one --out crashed or mixed best/, final/ and config.json of two seeds."""
+    held = T.RunLock(str(tmp_path / "out"))
+    for main, cmd in ((R.main, "train"), (R.main, "eval"), (A.main, "train"), (A.main, "eval")):
+        with pytest.raises(SystemExit, match="is in use by another run"):
+            main([cmd, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")])
+    held.release()
+    with pytest.raises(SystemExit, match="no-model: no config.json"):      # free again: the run starts
+        R.main(["train", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")])
