@@ -795,19 +795,7 @@ def main(argv=None):
     r.add_argument("--select", default="llm", choices=SELECTIONS)
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    try:
-        # train and eval write under --out (adapters, caches, results.json): one such run per directory
-        lock = T.RunLock(a.out) if a.cmd in ("train", "eval") else None
-        try:
-            {"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}[a.cmd](a)
-        finally:
-            if lock:
-                lock.release()
-    except (OSError, ValueError, RuntimeError, FloatingPointError) as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        print("interrupted (a training run saved its checkpoint: continue with --resume)", file=sys.stderr)
-        sys.exit(130)
+    T.run_cli({"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}, a)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,24 @@ def remove_temporaries(out_dir: str):
                 os.remove(os.path.join(root, f))
 
 
+def run_cli(commands: dict, a, locked=("train", "eval")):
+    """Run commands[a.cmd](a) as recicl.py and adaptrec.py do: commands that write under --out
+    hold its lock throughout; every expected failure ends in one `error:` line, Ctrl-C in a
+    note and exit code 130 (a training run has saved its checkpoint by then)."""
+    try:
+        lock = RunLock(a.out) if a.cmd in locked else None
+        try:
+            commands[a.cmd](a)
+        finally:
+            if lock:
+                lock.release()
+    except (OSError, ValueError, RuntimeError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print("interrupted (a training run saved its checkpoint: continue with --resume)", file=sys.stderr)
+        sys.exit(130)
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as the process holds it (flock: the
     kernel releases it when the process ends, however it ends, so a killed run leaves no
