@@ -54,6 +54,7 @@ import argparse
 import bisect
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -166,8 +167,10 @@ class VectorCache:
                 with safe_open(path, "pt") as f:
                     meta, vecs = f.metadata() or {}, f.get_tensor("vecs")
                 texts = json.loads(meta["texts"])
-                if len(texts) != len(vecs):
-                    raise ValueError(f"{len(texts)} texts for {len(vecs)} vectors")
+                if not isinstance(texts, list) or vecs.dim() != 2 or len(texts) != len(vecs):
+                    raise ValueError(f"{len(texts)} texts for vectors of shape {tuple(vecs.shape)}")
+                if not torch.isfinite(vecs).all():
+                    raise ValueError("NaN or infinite vectors")
             except Exception as e:
                 raise ValueError(f"{path}: unreadable vector cache ({e}); delete it to recompute") from None
             if meta.get("model") == key:
@@ -175,6 +178,9 @@ class VectorCache:
 
     def get(self, model, tok, texts: list, log=None) -> torch.Tensor:
         from safetensors.torch import save_file
+        if self.vecs and next(iter(self.vecs.values())).shape[-1] != model.args.dim:
+            raise ValueError(f"{self.path}: its vectors are not {model.args.dim} wide like the model's; delete it to "
+                             "recompute")
         missing = list(dict.fromkeys(t for t in texts if t not in self.vecs))
         if missing:
             if log:
@@ -276,6 +282,21 @@ def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size:
     return (p @ torch.arange(1, 10, dtype=torch.float32)).tolist()
 
 
+def judge_cache_ok(saved) -> bool:
+    """{"model": key, "rows": {row key: {"units": [[pool index, end], ...], "rating": [x, ...]}}}
+    with one finite rating in 1..9 per unit."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("rows"), dict):
+        return False
+    for v in saved["rows"].values():
+        if not isinstance(v, dict) or not isinstance(v.get("units"), list) or not isinstance(v.get("rating"), list):
+            return False
+        if len(v["units"]) != len(v["rating"]) or not all(isinstance(u, list) and len(u) == 2 for u in v["units"]):
+            return False
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and 1 <= x <= 9 for x in v["rating"]):
+            return False
+    return True
+
+
 class Selector:
     """Stage 2 over stage 1's lists; the LLM's ratings are cached in a JSON file per model,
     data and prompt (the key)."""
@@ -290,6 +311,9 @@ class Selector:
                     saved = json.load(f)
             except ValueError as e:
                 raise ValueError(f"{path}: unreadable judge cache ({e}); delete it to judge again") from None
+            if not judge_cache_ok(saved):
+                raise ValueError(f"{path}: the judge cache does not have the expected structure (rows of units and "
+                                 "finite ratings 1..9); delete it to judge again")
             if saved.get("model") == self.key:
                 self.scores = saved["rows"]
 

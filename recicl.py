@@ -448,9 +448,13 @@ def cmd_recommend(a):
     history = [(int(d.items[j]), float(d.ratings[j])) for j in np.flatnonzero(d.users == u)]
     for fb in a.feedback or []:
         iid, _, rating = fb.partition(":")
-        if iid not in item_ix or not rating:
-            sys.exit(f"error: --feedback wants ITEM:RATING with a known item id, got {fb!r}")
-        history.append((item_ix[iid], float(rating)))
+        try:
+            value = float(rating)
+        except ValueError:
+            value = math.nan
+        if iid not in item_ix or not math.isfinite(value):
+            sys.exit(f"error: --feedback wants ITEM:RATING with a known item id and a finite rating, got {fb!r}")
+        history.append((item_ix[iid], value))
     seen = {i for i, _ in history}
     if a.items:
         bad = [i for i in a.items if i not in item_ix]

@@ -311,3 +311,41 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
     held.release()
     with pytest.raises(SystemExit, match="no-model: no config.json"):      # free again: the run starts
         R.main(["train", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")])
+
+
+def test_damaged_caches_are_refused_not_used(tmp_path):
+    """F13-F15: a judge cache of the wrong structure or with NaN / out-of-range ratings, a vector
+    cache with NaN vectors: an error naming the file, never used as is."""
+    from safetensors.torch import save_file
+    good = {"model": "k", "rows": {"1:2:3": {"units": [[0, 5]], "rating": [4.5]}}}
+    assert A.judge_cache_ok(good)
+    for bad in ([1, 2], {"model": "k", "rows": []}, {"rows": {"r": {"units": [[0, 5]]}}},
+                {"rows": {"r": {"units": [[0, 5]], "rating": []}}}, {"rows": {"r": {"units": [[0, 5]], "rating": ["4"]}}},
+                {"rows": {"r": {"units": [[0, 5]], "rating": [float("nan")]}}}, {"rows": {"r": {"units": [[0, 5]], "rating": [12.0]}}}):
+        assert not A.judge_cache_ok(bad), bad
+        path = tmp_path / "judge.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="judge.json: the judge cache does not have the expected structure"):
+            A.Selector(None, None, None, _Tok(), str(path), "k")
+    vec = tmp_path / "v.safetensors"
+    save_file({"vecs": torch.tensor([[float("nan"), 1.0]])}, str(vec), metadata={"model": "k", "texts": json.dumps(["a"])})
+    with pytest.raises(ValueError, match="v.safetensors: unreadable vector cache .*NaN"):
+        A.VectorCache(str(vec), "k")
+
+
+class _Tok:
+    """Just enough of a tokenizer for Selector's rating check: digits after 'Answer:' as ' ' + digit."""
+    def encode(self, text, bos=None):
+        return [ord(c) for c in text]
+
+
+def test_feedback_ratings_must_be_finite(tmp_path):
+    """R10: --feedback 5:nan was taken as 'not liked'."""
+    from conftest import make_tiny_dir
+    from test_recicl import write_tiny_movielens
+    make_tiny_dir(tmp_path / "tiny", tie=True, max_position_embeddings=1024)
+    ds = write_tiny_movielens(tmp_path / "ml")
+    for fb in ("5:nan", "5:inf", "5:x"):
+        with pytest.raises(SystemExit, match="finite rating"):
+            R.main(["recommend", "--user", "3", "--model", str(tmp_path / "tiny"), "--dataset", ds, "--out",
+                    str(tmp_path / "out"), "--feedback", fb])
