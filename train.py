@@ -247,9 +247,44 @@ def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, fl
     return step, best, bool(ck.get("pending_validation"))
 
 
+RUN_FILES = ("config.json", "log.jsonl", "checkpoint.json")
+RUN_DIRS = ("best", "final")
+
+
+def clear_run(out_dir: str):
+    """Remove what an earlier run wrote into out_dir (only the names train() writes), so that a
+    new run's config.json never sits beside an old run's adapters."""
+    import shutil
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name in RUN_DIRS or name.startswith("best.old"):
+            shutil.rmtree(path)
+        elif name in RUN_FILES or (name.startswith("checkpoint-") and name.endswith(".safetensors")):
+            os.remove(path)
+
+
+def save_best(model, out_dir: str, base_model: str, metric: dict):
+    """Write best/ (adapter and metric.json) as one unit: into a temporary directory, then swapped
+    in by two renames. A kill between them leaves best.old-*, which the next run removes, and no
+    best/ (eval then uses final/), never weights of one step beside the metric of another."""
+    import shutil
+    tmp, best = os.path.join(out_dir, f"best.tmp{os.getpid()}"), os.path.join(out_dir, "best")
+    old = os.path.join(out_dir, f"best.old{os.getpid()}")
+    lora.save_adapter(model, tmp, base_model)
+    write_json(metric, os.path.join(tmp, "metric.json"))
+    if os.path.exists(best):
+        os.rename(best, old)
+    os.rename(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_temporaries(out_dir: str):
     """Delete the temporary files a killed run left (names with '.tmp'); only the lock holder
     calls this, so no live writer owns them. They were never trusted: renames publish files."""
+    import shutil
+    for name in os.listdir(out_dir):
+        if name.startswith(("best.tmp", "best.old")):
+            shutil.rmtree(os.path.join(out_dir, name))
     for root, _, files in os.walk(out_dir):
         for f in files:
             if ".tmp" in f:
@@ -376,6 +411,8 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
         if rank == 0:
             print(f"[train] resumed from {cfg.out_dir} at step {start}", file=sys.stderr)
     else:
+        if rank == 0:
+            clear_run(cfg.out_dir)                   # a fresh run never shares its directory with an old one
         torch.manual_seed(cfg.seed + rank)          # dropout masks; data order is seeded separately
     if rank == 0:
         write_json({"train": asdict(cfg), "world_size": world, **(run_config or {})}, os.path.join(cfg.out_dir, "config.json"))
@@ -398,8 +435,7 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
         if improved:
             best = metric
             if rank == 0:
-                lora.save_adapter(model, os.path.join(cfg.out_dir, "best"), base_model)
-                write_json({"step": step, "metric": metric}, os.path.join(cfg.out_dir, "best", "metric.json"))
+                save_best(model, cfg.out_dir, base_model, {"step": step, "metric": metric})
         if rank == 0:
             print(f"[train] step {step} validation {metric:.4f}{' (best, saved)' if improved else ''}"
                   f"{' (not finite: never best)' if not math.isfinite(metric) else ''}", file=sys.stderr)

@@ -349,3 +349,27 @@ def test_feedback_ratings_must_be_finite(tmp_path):
         with pytest.raises(SystemExit, match="finite rating"):
             R.main(["recommend", "--user", "3", "--model", str(tmp_path / "tiny"), "--dataset", ds, "--out",
                     str(tmp_path / "out"), "--feedback", fb])
+
+
+def test_a_new_run_starts_clean_and_best_is_one_unit(tiny_untied, tmp_path):
+    """R16: a new run into a used directory left the old run's best/ beside its own config.json;
+    F6: best/ weights and metric.json could come from different steps after a kill."""
+    from test_train import fresh, lm_loss, pattern_examples
+    import lora
+    path, _ = tiny_untied
+    out = tmp_path / "r"
+    scores = iter([0.9, 0.1])
+    T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(out), steps=2, batch_size=2, eval_every=1),
+            validate=lambda m: next(scores))
+    assert json.load(open(out / "best" / "metric.json"))["step"] == 1
+    (out / "best.old123").mkdir()                                 # what a kill between the two renames leaves
+    with pytest.raises(FloatingPointError):                       # a new run that fails at once
+        T.train(fresh(path), pattern_examples(), lambda m, ex: (lm_loss(m, ex)[0] * float("nan"), 1),
+                T.TrainConfig(out_dir=str(out), steps=2, batch_size=2))
+    assert not (out / "best").exists() and not (out / "final").exists() and not (out / "best.old123").exists()
+    assert json.load(open(out / "config.json"))["train"]["eval_every"] == 0    # only the new run's files
+    m = fresh(path)
+    T.save_best(m, str(out), "", {"step": 7, "metric": 0.5})
+    saved = lora.load_adapter(M.load(path)[0], str(out / "best"))
+    assert saved["r"] == 4 and json.load(open(out / "best" / "metric.json"))["step"] == 7
+    assert [n for n in os.listdir(out) if n.startswith("best.")] == []
