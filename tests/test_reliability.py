@@ -373,3 +373,19 @@ def test_a_new_run_starts_clean_and_best_is_one_unit(tiny_untied, tmp_path):
     saved = lora.load_adapter(M.load(path)[0], str(out / "best"))
     assert saved["r"] == 4 and json.load(open(out / "best" / "metric.json"))["step"] == 7
     assert [n for n in os.listdir(out) if n.startswith("best.")] == []
+
+
+def test_a_killed_conversions_temporaries_are_removed(tmp_path):
+    """F10, F11: a killed extraction or conversion left .part / .convert-* files for good."""
+    import subprocess
+    import sys
+    import fetch
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)                                        # a process that has ended
+    (tmp_path / f".convert-{pid}-abc").mkdir()
+    (tmp_path / f".convert-{pid}-abc" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f".convert-{os.getpid()}-live").mkdir()            # a live process's: kept
+    (tmp_path / f".extract-{pid}-x.part").write_bytes(b"half")
+    fetch.remove_dead_temporaries(str(tmp_path), ".convert-")
+    fetch.remove_dead_temporaries(str(tmp_path), ".extract-")
+    assert sorted(os.listdir(tmp_path)) == [f".convert-{os.getpid()}-live"]
