@@ -574,9 +574,8 @@ def run_name(m: int, how: str) -> str:
 
 
 def adapter_dir(out: str, m: int, how: str) -> str:
-    """OUT/RUN/best (kept by validation), else OUT/RUN/final."""
-    best = os.path.join(out, run_name(m, how), "best")
-    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(out, run_name(m, how), "final")
+    """The adapter of configuration (m, how) under OUT: train.adapter_dir of its run."""
+    return T.adapter_dir(os.path.join(out, run_name(m, how)))
 
 
 # ----------------------------------------------------------------------------- train

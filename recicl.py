@@ -220,12 +220,6 @@ def train_adapter(a, d, samples, model, prompter, ans, pool_periods, out_dir, lo
                                "val_samples": len(val)}, base_model=a.model or "SmolLM2-135M-Instruct")
 
 
-def adapter_dir(run_dir: str) -> str:
-    """RUN/best (kept by validation), else RUN/final (no validation metric was finite)."""
-    best = os.path.join(run_dir, "best")
-    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(run_dir, "final")
-
-
 def tuned_model(a, path: str):
     """A fresh copy of the base model with the adapter in `path`."""
     m = generate.load_model(a.model, dtype=a.dtype)[0]
@@ -240,7 +234,7 @@ def cmd_train(a):
     summary = train_adapter(a, d, samples, model, prompter, ans, a.train_periods, out_dir, log_fn)
     T.dist_close()
     best = "none finite" if summary["best"] is None else f"{summary['best']:.4f}"
-    log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {best}; adapter in {adapter_dir(out_dir)}")
+    log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {best}; adapter in {T.adapter_dir(out_dir)}")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -348,7 +342,7 @@ def cmd_eval(a):
             continue
         m, prompter = model, prompters[a.demos if icl else 0]
         if adapter is not None:
-            path = adapter_dir(os.path.join(a.out, adapter))
+            path = T.adapter_dir(os.path.join(a.out, adapter))
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
@@ -385,10 +379,10 @@ def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
     out = {}
     for p in list(rows)[1:]:
         out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
-        if not os.path.exists(os.path.join(adapter_dir(out_dir), "adapter_config.json")):
+        if not os.path.exists(os.path.join(T.adapter_dir(out_dir), "adapter_config.json")):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
             train_adapter(a, d, samples, generate.load_model(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
-        m = tuned_model(a, adapter_dir(out_dir))      # the best adapter, not the last step
+        m = tuned_model(a, T.adapter_dir(out_dir))      # the best adapter, not the last step
         out[p] = score(m, prompter, rows[p], ans, a.score_batch)
     return {UPDATED: out}
 
@@ -436,7 +430,7 @@ def report(results, diffs, best, a, elapsed):
 
 def cmd_recommend(a):
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
-    path = adapter_dir(os.path.join(a.out, run_name(a.demos)))
+    path = T.adapter_dir(os.path.join(a.out, run_name(a.demos)))
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         lora.load_adapter(model, path)
     else:

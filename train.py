@@ -251,6 +251,12 @@ RUN_FILES = ("config.json", "log.jsonl", "checkpoint.json")
 RUN_DIRS = ("best", "final")
 
 
+def adapter_dir(run_dir: str) -> str:
+    """RUN/best (kept by validation), else RUN/final (no validation, or none gave a finite metric)."""
+    best = os.path.join(run_dir, "best")
+    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(run_dir, "final")
+
+
 def clear_run(out_dir: str):
     """Remove what an earlier run wrote into out_dir (only the names train() writes), so that a
     new run's config.json never sits beside an old run's adapters."""
