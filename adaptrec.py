@@ -502,6 +502,8 @@ def add_common(p):
     p.add_argument("--max-len", type=T.count(16), default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
+    p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
+                   "(same results, slower on CPU)")
 
 
 def data_key(d: D.Data) -> str:
@@ -526,7 +528,7 @@ def setup(a, log) -> Setup:
     d = D.load(a.dataset, a.format)
     rows = D.sequential_rows(d, seed=a.seed)
     pool = build_pool(d)
-    model, tok = generate.load_model(a.model, dtype=a.dtype)
+    model, tok = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)
     if a.max_len + 64 > model.args.max_seq_len:
         raise ValueError(f"--max-len {a.max_len} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
     key = f"{model_key(model)}-{data_key(d)}"
@@ -603,7 +605,7 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     steps = max(1, round(len(examples) * a.epochs / a.batch_size))
     log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
            f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
-    model = generate.load_model(a.model, dtype=a.dtype)[0]
+    model = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
     cfg = T.config_from_args(model, a, os.path.join(a.out, run_name(m, how)), steps)
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
     validate = (lambda mod: E.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, demos,
@@ -714,7 +716,7 @@ def cmd_eval(a):
                 log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
                        f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
                 continue
-            model, name = generate.load_model(a.model, dtype=a.dtype)[0], "AdaptRec"
+            model, name = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0], "AdaptRec"
             lora.load_adapter(model, path)
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, demos[(m, how)], a, log_fn)

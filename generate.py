@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import fast
 from model import KVCache, Llama, Tokenizer, load
 
 
@@ -24,9 +25,11 @@ def default_model_dir() -> str:
     return fetch_and_convert()
 
 
-def load_model(model_dir: str | None, dtype=torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
-    """model.load, with the default model for model_dir None."""
-    return load(model_dir or default_model_dir(), dtype=dtype, device=device)
+def load_model(model_dir: str | None, dtype=torch.float32, device="cpu", plain: bool = False) -> tuple[Llama, Tokenizer]:
+    """fast.load (the CPU fast path where it applies), or model.load with plain=True; the
+    default model for model_dir None. Both compute the same model (tests/test_fast.py)."""
+    loader = load if plain else fast.load
+    return loader(model_dir or default_model_dir(), dtype=dtype, device=device)
 
 
 def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,11 +207,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in ChatML (<|im_start|>...)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     try:
-        model, tok = load_model(a.model, dtype=a.dtype)
+        model, tok = load_model(a.model, dtype=a.dtype, plain=a.plain)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     try:

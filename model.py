@@ -16,7 +16,7 @@ windows. A config that asks for one of them is refused by name (see ModelArgs.fr
 Precision policy (written once, here): RMSNorm statistics, the RoPE tables and rotation,
 the logits and the loss are computed in float32 whatever the weight dtype. Attention uses
 torch's scaled_dot_product_attention, i.e. softmax(q k^T / sqrt(hd) + mask) v, whose CPU
-kernels accumulate in float32 for bfloat16 inputs; training on CPU uses CausalAttention, the
+kernels accumulate in float32 for bfloat16 inputs; training on CPU uses fast.py's CausalAttention, the
 same math written out, computed in float32.
 
 Positions and masks come from the data, never assumed: every token carries a `valid` flag
@@ -139,8 +139,6 @@ class ModelArgs:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, statistics in fp32, result in x's dtype."""
-    if x.dtype == torch.float32:                     # one fused kernel, same formula
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -153,185 +151,25 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated, so that rotate_half(x) * sin == roll(x, hd/2) * signed_sin."""
-    half = sin.shape[-1] // 2
-    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
-def rope_buffers(args: "ModelArgs", device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin tables (max_seq_len, hd) fp32, as the model keeps them; on the
-    current default device unless `device` is given."""
-    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-    sin_signed = signed_sin(sin)
-    return (cos, sin_signed) if device is None else (cos.to(device), sin_signed.to(device))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, h, hd); cos, sin_signed: (B, T, 1, hd) fp32. Rotates pairs (j, j + hd/2):
-    x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) = roll(x, hd/2) * sign."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, h, hd); cos, sin: (B, T, 1, hd) fp32. Rotates each pair of dims (j, j + hd/2)
+    by its angle: x * cos + rotate_half(x) * sin, in fp32, result in x's dtype."""
     xf = x.float()
-    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin_signed).to(x.dtype)
-
-
-ATTN_BLOCK = 64  # query rows per block of the CPU training attention: 32..96 were fastest of 32..512 in
-                 # one-off timings on bench.py's shapes (and 32 or 128 changed the LoRA step by < 0.2%)
-ATTN_KEEP_P_BYTES = 64 << 20  # keep the forward's softmax P for the backward while it needs at most this
-                              # much per layer (1 x 9 heads x 512 tokens: 5.3 MB; LoRA step ~2% faster),
-                              # else recompute it; P grows as T^2, the rest of a layer's activations as T
-
-
-class CausalAttention(torch.autograd.Function):
-    """y = softmax(q k^T / sqrt(hd) + mask) v, forward and backward by hand, for training on CPU.
-
-    q: (B, nh, T, hd); k, v: (B, nkv, T, hd); mask: (B, 1, T, T) bool or None for plain causal.
-    The mask must be causal (or stricter) with every diagonal allowed, as `attention_mask` makes.
-    Torch's CPU flash attention runs at about a third of GEMM speed, its backward too. Here the
-    queries go in blocks of ATTN_BLOCK rows; a block sees keys 0..e-1 only, so the key blocks it
-    cannot see (about half the products) are skipped, and the time goes to batched GEMMs.
-    With S = q k^T * scale, P = softmax(S), y = P v:
-        dv = P^T dy,  dP = dy v^T,  dS = P * (dP - rowsum(dy * y)),  dq = dS k * scale,  dk = dS^T q * scale.
-    P is kept from the forward while small (ATTN_KEEP_P_BYTES), as eager attention does; past
-    that it is recomputed block by block, as flash attention does. Rows are laid out as
-    (kv head, t, group) so that a GQA query block is one contiguous slab that reads its kv head
-    once. Computed in fp32 whatever the input dtype (precision policy)."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)   # fp32 under a bf16 autocast too
-    def forward(ctx, q, k, v, mask):
-        B, nh, T, hd = q.shape
-        nkv = k.shape[1]
-        G = nh // nkv
-        Q = _to_rows(q, nkv, scale=1.0 / math.sqrt(hd))                    # scaled once, here
-        K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
-        Y = torch.empty_like(Q)
-        keep = B * nh * T * (T + ATTN_BLOCK) * 2 <= ATTN_KEEP_P_BYTES       # fp32 bytes of the P blocks
-        kept = []
-        for s, e, P in _attention_blocks(Q, K, mask, G):
-            torch.bmm(P, V[:, :e], out=Y[:, s * G:e * G])
-            if keep:
-                kept.append(P)
-        ctx.save_for_backward(Q, K, V, Y, mask, *kept)     # saved, not kept on ctx: checkpointing can drop them
-        return _from_rows(Y, B, T).to(q.dtype)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, dy):
-        Q, K, V, Y, mask, *kept = ctx.saved_tensors
-        B, nh, T, hd = dy.shape
-        nkv = K.shape[0] // B
-        G, scale = nh // nkv, 1.0 / math.sqrt(hd)
-        want_q, want_k = ctx.needs_input_grad[:2]
-        dY = _to_rows(dy, nkv)
-        delta = (dY * Y).sum(-1, keepdim=True)                           # rowsum(dy * y): (B*nkv, T*G, 1)
-        dQ, dK, dV = torch.empty_like(Q), torch.zeros_like(K), torch.zeros_like(V)
-        blocks = _attention_blocks(Q, K, mask, G)
-        if kept:            # a kept block P is (B*nkv, (e-s)*G, e): its queries s..e-1 follow from its shape
-            blocks = ((P.shape[2] - P.shape[1] // G, P.shape[2], P) for P in kept)
-        for s, e, P in blocks:
-            r = slice(s * G, e * G)
-            dV[:, :e].baddbmm_(P.transpose(1, 2), dY[:, r])
-            dS = torch.bmm(dY[:, r], V[:, :e].transpose(1, 2)).sub_(delta[:, r]).mul_(P)  # (B*nkv, (e-s)*G, e)
-            if want_q:
-                torch.bmm(dS, K[:, :e], out=dQ[:, r])
-            if want_k:          # not in layer 0, whose keys come from frozen weights and embeddings
-                dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])          # Q carries the scale already
-        dq = _from_rows(dQ.mul_(scale), B, T)
-        return (dq.to(dy.dtype) if want_q else None, dK.view(B, nkv, T, hd).to(dy.dtype) if want_k else None,
-                dV.view(B, nkv, T, hd).to(dy.dtype), None)
-
-
-def _to_rows(x: torch.Tensor, nkv: int, scale: float | None = None) -> torch.Tensor:
-    """(B, nh, T, hd) -> a new fp32 (B*nkv, T*G, hd) tensor, times `scale` if given: row t*G + g
-    of batch b*nkv + kv is query head kv*G + g at position t (the rows of one GQA group)."""
-    B, nh, T, hd = x.shape
-    G = nh // nkv
-    src = x.float().transpose(1, 2).reshape(B, T, nkv, G, hd).transpose(1, 2)   # (B, nkv, T, G, hd) view
-    out = torch.empty(B, nkv, T, G, hd, dtype=torch.float32, device=x.device)  # never a view of x
-    if scale is None:
-        out.copy_(src)
-    else:
-        torch.mul(src, scale, out=out)
-    return out.view(B * nkv, T * G, hd)
-
-
-def _from_rows(X: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """The inverse of _to_rows: (B*nkv, T*G, hd) -> (B, nh, T, hd), a view of (B, T, nh, hd)
-    memory, so that the (B, T, nh*hd) input of o_proj is a view too."""
-    nkv, G, hd = X.shape[0] // B, X.shape[1] // T, X.shape[2]
-    return X.view(B, nkv, T, G, hd).transpose(1, 2).reshape(B, T, nkv * G, hd).transpose(1, 2)
-
-
-def _attention_blocks(Q, K, mask, G):
-    """Yield (s, e, P) per block of ATTN_BLOCK queries s..e-1: P = softmax over keys 0..e-1,
-    (B*nkv, (e-s)*G, e), with the mask (or the causal rule within the diagonal block) applied."""
-    Bk, TG, _ = Q.shape
-    T = TG // G
-    B = Bk if mask is None else mask.shape[0]
-    blk = torch.arange(ATTN_BLOCK, device=Q.device)
-    future = blk[None, :] > blk.repeat_interleave(G)[:, None]          # (ATTN_BLOCK*G, ATTN_BLOCK): key after query
-    for s in range(0, T, ATTN_BLOCK):
-        e = min(s + ATTN_BLOCK, T)                                      # queries s..e-1 see keys 0..e-1 at most
-        S = torch.bmm(Q[:, s * G:e * G], K[:, :e].transpose(1, 2)).view(B, Bk // B, (e - s) * G, e)
-        if mask is None:   # only the diagonal block has keys after some of its queries
-            S[..., s:].masked_fill_(future[:(e - s) * G, :e - s], float("-inf"))
-        else:
-            S.masked_fill_(~mask[:, :, s:e, :e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e)
-        yield s, e, torch.softmax(S, dim=-1).view(Bk, -1, e)
-
-
-def attention(q, k, v, mask, same_slots: bool) -> torch.Tensor:
-    """Attention over (B, heads, T, hd) with `mask` from attention_mask (None = plain causal, or
-    one query that sees everything): torch's SDPA, or, when training on CPU with keys at the
-    queries' own T slots (same_slots: no cache, no prefix), CausalAttention (same math, its own
-    blockwise forward and backward; equal to SDPA within fp32 rounding)."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if same_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
-        return CausalAttention.apply(q, k, v, mask)
-    return sdpa(q, k, v, mask)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 def sdpa(q, k, v, mask) -> torch.Tensor:
-    """torch's scaled_dot_product_attention; mask None = plain causal (or one query: everything).
-    GQA: query head h reads KV head h // (n_heads / n_kv), the same as repeating each KV head in
-    place (repeat_interleave) but without copying the cache every step."""
+    """softmax(q k^T / sqrt(hd) + mask) v by torch's scaled_dot_product_attention.
+    q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: (B, 1, T, S) bool, or None for plain causal
+    (or one query that sees everything). GQA: query head h reads KV head h // (nh / nkv), the
+    same as repeating each KV head in place, without copying the cache every step."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                           enable_gqa=k.shape[1] != q.shape[1])
-
-
-def cpu_fast_layout(w: torch.Tensor) -> torch.Tensor:
-    """The same (out, in) matrix stored column-major, i.e. as a contiguous W^T viewed back.
-    F.linear(x, w) computes x @ W^T, and with W^T contiguous CPU GEMV reads it ~1.4x faster in
-    float32 (output head 2x; measured on a 2-core EPYC, torch 2.13; bench.py). Prefill GEMMs are
-    unchanged. In bfloat16 this layout is >10x slower, so it is used for float32 only."""
-    return w.t().contiguous().t()
-
-
-def vocab_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(h, w) for the output head, w: (V, D) with V large. In float32 on CPU it runs as one
-    bmm over n = torch.get_num_threads() slices of the vocabulary (h @ W_i^T for row slices W_i of
-    w): torch gives each batch entry of a bmm its own thread, and each thread streams its slice of
-    w once. One MKL GEMM with few rows of h reaches a fraction of that speed: 1 row 4.9 -> 2.3 ms,
-    8 rows (the LoRA step's loss) 30 -> 16 ms, backward 14.8 -> 8.2 ms, 256 rows the same (SmolLM2's
-    49152 x 576 head, 2 threads, one-off timings on bench.py's machine). bfloat16 gains nothing
-    there, so it keeps F.linear. Same products; the sums run in another order (fp32 rounding)."""
-    n = torch.get_num_threads()
-    V, D = w.shape
-    if h.shape[-1] != D:     # checked here: the bmm path would reshape a wrong h before failing
-        raise ValueError(f"hidden states of size {h.shape[-1]} do not fit the output head ({V} x {D})")
-    if h.device.type != "cpu" or w.dtype != torch.float32 or n == 1 or V % n:
-        return F.linear(h, w)
-    rows = h.reshape(-1, D)
-    slices = w.t().unflatten(1, (n, V // n)).transpose(0, 1)                  # (n, D, V/n) views of w
-    out = torch.bmm(rows.expand(n, -1, -1), slices)                           # (n, rows, V/n)
-    return out.transpose(0, 1).reshape(*h.shape[:-1], V)
-
-
-def is_fused(buf: torch.Tensor | None, linears) -> bool:
-    """True while `linears` are plain nn.Linear whose weights are still the column slices of
-    `buf` (in, sum of outs) made by `allocate`; a LoRA wrapper or a .to() ends the fast path."""
-    return (buf is not None and all(type(m) is nn.Linear for m in linears)
-            and linears[0].weight.data_ptr() == buf.data_ptr())
 
 
 # ----------------------------------------------------------------------------- cache
@@ -394,7 +232,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.hd, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
-        self.qkv_t = None  # (D, (nh + 2 nkv) hd) storage behind q/k/v weights, set by `allocate`
 
     def forward(self, x, cos, sin, mask, kv_write=None, kv_prefix=None, at=None):
         """x: (B, T, D). mask: (B, 1, T, S) bool or None for plain causal.
@@ -404,15 +241,8 @@ class Attention(nn.Module):
         at: (B, n) slots; only their queries are kept (keys and values from all T slots), and
         the output is (B, n, D); mask is then (B, 1, n, T) from `rows_mask`."""
         B, T, _ = x.shape
-        nh, nkv = self.n_heads, self.n_kv
-        if is_fused(self.qkv_t, (self.q_proj, self.k_proj, self.v_proj)):  # one GEMM, same numbers
-            qkv = F.linear(x, self.qkv_t.t()).view(B, T, nh + 2 * nkv, self.hd)
-            qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)                   # q and k heads rotated in one go
-            q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
-        else:
-            q = apply_rope(self.q_proj(x).view(B, T, nh, self.hd), cos, sin)
-            k = apply_rope(self.k_proj(x).view(B, T, nkv, self.hd), cos, sin)
-            v = self.v_proj(x).view(B, T, nkv, self.hd)
+        q, k, v = self.project(x)                                          # (B, T, heads, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if at is not None:
             q = q.take_along_dim(at[:, :, None, None], dim=1)                  # (B, n, nh, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or n, hd)
@@ -425,9 +255,20 @@ class Attention(nn.Module):
             pk, pv = kv_prefix
             k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-        same_slots = kv_write is None and kv_prefix is None and at is None
-        y = attention(q, k, v, mask, same_slots)                                # (B, nh, T or n, hd)
+        own_slots = kv_write is None and kv_prefix is None and at is None
+        y = self.attend(q, k, v, mask, own_slots)                               # (B, nh, T or n, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.hd))
+
+    def project(self, x):
+        """q (B, T, nh, hd), k and v (B, T, nkv, hd), before RoPE."""
+        B, T, _ = x.shape
+        return (self.q_proj(x).view(B, T, self.n_heads, self.hd), self.k_proj(x).view(B, T, self.n_kv, self.hd),
+                self.v_proj(x).view(B, T, self.n_kv, self.hd))
+
+    def attend(self, q, k, v, mask, own_slots: bool):
+        """softmax(q k^T / sqrt(hd) + mask) v. own_slots: the keys sit at the queries' own slots
+        (no cache, prefix or `at`); SDPA does not need to know, fast.py's training kernel does."""
+        return sdpa(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -436,14 +277,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.gate_up_t = None  # (D, 2 H) storage behind gate/up weights, set by `allocate`
 
     def forward(self, x):
-        if is_fused(self.gate_up_t, (self.gate_proj, self.up_proj)):
-            gate, up = F.linear(x, self.gate_up_t.t()).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
 
 
 class Block(nn.Module):
@@ -479,20 +315,22 @@ class Llama(nn.Module):
         self.model = Body(args)
         if not args.tie_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin_signed = rope_buffers(args)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)                  # (max_seq_len, hd) fp32
-        self.register_buffer("rope_sin_signed", sin_signed, persistent=False)    # first half negated
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False  # set by the training loop
 
     @property
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
 
+    head_linear = staticmethod(F.linear)   # fast.py swaps in a faster CPU output head
+
     def head(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits in fp32 for hidden states h (..., D); optionally only for some vocab rows."""
         if vocab_ids is not None:
             return F.linear(h, self.head_weight[vocab_ids]).float()
-        return vocab_linear(h, self.head_weight).float()
+        return self.head_linear(h, self.head_weight).float()
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, prefix: KVCache | None = None,
@@ -532,7 +370,7 @@ class Llama(nn.Module):
         pos = (base_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)            # (B, T)
         if int(pos.max()) >= self.args.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin_signed[pos][:, :, None]  # (B, T, 1, hd)
+        cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, hd)
         mask = attention_mask(valid, past_valid)
 
         x = self.model.embed_tokens(idx)
@@ -697,10 +535,13 @@ def checkpoint_files(model_dir: str) -> list[str]:
     return [single]
 
 
-def load(model_dir: str, dtype=torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
+def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> tuple[Llama, Tokenizer]:
     """Strictly load a HF Llama directory (config.json, tokenizer.json, safetensors).
     Every expected tensor must be present with its exact shape; missing, extra or mis-shaped
-    tensors are errors that name them. (The default model: generate.load_model.)"""
+    tensors are errors that name them. (The default model: generate.load_model.)
+    prepare(model, dtype, device), if given, runs on the model built on 'meta' before any
+    weight has storage: it may swap modules or give parameters storage in its own layout
+    (fast.py does both); every parameter still on 'meta' then gets plain storage."""
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
@@ -713,7 +554,12 @@ def load(model_dir: str, dtype=torch.float32, device="cpu") -> tuple[Llama, Toke
     tok = load_tokenizer(model_dir, args)          # first: its checks are cheap, the weights are not
     with torch.device("meta"):
         model = Llama(args)
-    allocate(model, dtype, device, fast_cpu=dtype == torch.float32 and torch.device(device).type == "cpu")
+    if prepare is not None:
+        prepare(model, dtype, device)
+    for module in model.modules():                 # storage for every weight, filled below
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device)))
     params, seen = dict(model.named_parameters()), set()
     for path in checkpoint_files(model_dir):
         for name, t in read_safetensors(path):   # one tensor in memory at a time, copied into place
@@ -733,33 +579,10 @@ def load(model_dir: str, dtype=torch.float32, device="cpu") -> tuple[Llama, Toke
     missing = sorted(set(params) - seen)
     if missing:
         raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    model.rope_cos, model.rope_sin_signed = rope_buffers(args, device)   # built on 'meta' above
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)   # built on 'meta' above
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     model.eval().requires_grad_(False)
     return model, tok
-
-
-def allocate(model: Llama, dtype, device, fast_cpu: bool):
-    """Give every parameter of a model built on 'meta' uninitialised storage in its final layout.
-    With fast_cpu (float32 on CPU): matrices column-major (see cpu_fast_layout), and q/k/v and
-    gate/up as column slices of one buffer each, so one GEMM computes them together. Names,
-    shapes and values are those of the checkpoint; only the memory layout differs."""
-    def fuse(*linears):
-        buf = torch.empty(linears[0].in_features, sum(m.out_features for m in linears), dtype=dtype, device=device)
-        start = 0
-        for m in linears:
-            m.weight = nn.Parameter(buf[:, start:start + m.out_features].t())  # (out, in) view
-            start += m.out_features
-        return buf
-    if fast_cpu:
-        for blk in model.model.layers:
-            a, mlp = blk.self_attn, blk.mlp
-            a.qkv_t = fuse(a.q_proj, a.k_proj, a.v_proj)
-            mlp.gate_up_t = fuse(mlp.gate_proj, mlp.up_proj)
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.is_meta:
-                new = torch.empty(p.shape, dtype=dtype, device=device)
-                setattr(module, name, nn.Parameter(cpu_fast_layout(new) if fast_cpu and p.dim() == 2 else new))
 
 
 def load_tokenizer(model_dir: str, args: ModelArgs) -> Tokenizer:

@@ -167,6 +167,8 @@ def add_common(p):
     p.add_argument("--max-len", type=T.count(16), default=512, help="prompt budget in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
+    p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
+                   "(same results, slower on CPU)")
 
 
 def add_train_args(p):
@@ -180,7 +182,7 @@ def add_train_args(p):
 def setup(a, log):
     d = D.load(a.dataset, a.format)
     samples = D.recicl_samples(d, a.periods, a.threshold, k_demos=max(a.demos, 0), max_history=10)
-    model, tok = generate.load_model(a.model, dtype=a.dtype)
+    model, tok = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)
     if a.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len {a.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     ans = answer_ids(tok)
@@ -222,7 +224,7 @@ def train_adapter(a, d, samples, model, prompter, ans, pool_periods, out_dir, lo
 
 def tuned_model(a, path: str):
     """A fresh copy of the base model with the adapter in `path`."""
-    m = generate.load_model(a.model, dtype=a.dtype)[0]
+    m = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
     lora.load_adapter(m, path)
     return m
 
@@ -381,7 +383,7 @@ def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
         out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
         if not os.path.exists(os.path.join(T.adapter_dir(out_dir), "adapter_config.json")):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
-            train_adapter(a, d, samples, generate.load_model(a.model, dtype=a.dtype)[0], prompter, ans, p, out_dir, log_fn)
+            train_adapter(a, d, samples, generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0], prompter, ans, p, out_dir, log_fn)
         m = tuned_model(a, T.adapter_dir(out_dir))      # the best adapter, not the last step
         out[p] = score(m, prompter, rows[p], ans, a.score_batch)
     return {UPDATED: out}

@@ -336,29 +336,6 @@ class RunLock:
         self.f.close()
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in the process (Linux only; False elsewhere).
-
-    Torch's CPU tensors come straight from malloc. By default glibc hands freed memory back to
-    the kernel when the free top of its heap passes a threshold (a few MB), and maps blocks
-    above another (at most 32 MB) afresh each time. A training step frees its activations in
-    the backward and allocates them again in the next forward, so each step page-faults tens
-    of MB of them back in, zero-filled by the kernel. With both thresholds at 1 GB the memory is
-    reused instead: the peak resident size is unchanged (it is reached every step anyway) and
-    the LoRA step of bench.py ran ~2% faster (alternating processes, 21 steps each; minor
-    faults per step from ~14,000 to ~3). Process-wide and permanent, so train() calls it only
-    for CPU training. mallopt(3): M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3."""
-    import ctypes
-    import ctypes.util
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):                # not glibc (musl has no mallopt)
-        return False
-    return bool(mallopt(-3, 1 << 30)) and bool(mallopt(-1, 1 << 30))
-
-
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -424,8 +401,6 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
         write_json({"train": asdict(cfg), "world_size": world, **(run_config or {})}, os.path.join(cfg.out_dir, "config.json"))
     model.grad_checkpoint = cfg.grad_checkpoint
     device_type = next(model.parameters()).device.type
-    if device_type == "cpu":
-        keep_freed_memory()
     t0, tokens, step, saved_step = time.time(), 0, start, start
     in_validation = False
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None

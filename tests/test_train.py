@@ -237,33 +237,3 @@ def test_torchrun_two_processes_equal_one(tiny_untied, tmp_path):
     for k in outs["one"]:
         assert torch.allclose(outs["one"][k], outs["two"][k], atol=1e-6, rtol=1e-5), k
     assert any(outs["one"][k].abs().max() > 0 for k in outs["one"] if "lora_B" in k)
-
-
-_ALLOC_ROUNDS = textwrap.dedent("""
-    import resource, sys, torch
-    import train
-    if sys.argv[1] == "keep":
-        assert train.keep_freed_memory()
-    faults = []
-    for _ in range(6):                   # like a step: 160 MB of activations made, then all freed
-        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        xs = [torch.empty(10 << 20).fill_(1) for _ in range(4)]
-        del xs
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
-    print(*faults)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_keep_freed_memory_stops_refaulting():
-    """Allocating and freeing a step's worth of tensors (4 x 40 MB) again and again, each case in
-    a fresh process, counting minor page faults (4 KB each). By default glibc maps blocks above
-    32 MB afresh each time, so every round faults its 160 MB in (~41,000 faults); after
-    keep_freed_memory() the memory is reused and the last rounds fault (almost) nothing."""
-    def rounds(mode):
-        out = subprocess.run([sys.executable, "-c", _ALLOC_ROUNDS, mode], cwd=ROOT, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        return [int(x) for x in out.stdout.split()]
-    default, kept = rounds("default"), rounds("keep")
-    assert min(default) > 30000, default   # the count works and the default does refault
-    assert sum(kept[3:]) < 2000, kept

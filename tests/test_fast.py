@@ -1,0 +1,223 @@
+"""fast.py (the CPU speed layer) against plain model.py: the same model, two code paths.
+
+As llama2.c's test_all.py does for its two implementations: on tiny random GQA models, tied and
+untied, every output a caller reads is asserted equal between fast.load and model.load (logits,
+loss, every LoRA gradient, batched prefill caches, greedy tokens); then each kernel against an
+independent float64 reference, and one check on the real model."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fast
+import generate
+import lora
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def both_paths(path):
+    return M.load(path)[0], fast.load(path)[0]
+
+
+def close(a, b, rel=1e-5):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() <= rel
+
+
+def test_fast_path_is_in_use(tiny):
+    """The fast model really takes the other path (else every equality below is vacuous), and
+    the plain one does not."""
+    plain, quick = both_paths(tiny[0])
+    assert type(quick.model.layers[0].self_attn) is fast.FusedAttention and quick.head_linear is fast.vocab_linear
+    assert type(plain.model.layers[0].self_attn) is M.Attention and plain.head_linear is torch.nn.functional.linear
+    w = quick.model.layers[0].mlp.down_proj.weight
+    assert w.stride() == (1, w.shape[0])                        # column-major
+    attn = quick.model.layers[0].self_attn
+    assert fast.is_fused(attn.qkv_t, (attn.q_proj, attn.k_proj, attn.v_proj))
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, dict(quick.named_parameters())[name]), name   # same values, other layout
+
+
+def test_logits_and_loss_equal(tiny):
+    plain, quick = both_paths(tiny[0])
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 300, (3, 41), generator=g)
+    valid = torch.ones(3, 41, dtype=torch.bool)
+    valid[1, :7] = False                                        # left padding
+    valid[2, 30:] = False                                       # right padding
+    with torch.no_grad():
+        a, b = plain.head(plain(idx, valid)), quick.head(quick(idx, valid))
+    assert close(b[valid], a[valid]) and a.abs().max() > 1.0
+    sup = torch.zeros(3, 41, dtype=torch.bool)
+    sup[0, 20:40], sup[1, 10:12], sup[2, 25:29] = True, True, True
+    targets = torch.roll(idx, -1, 1)
+    with torch.no_grad():
+        assert close(quick.loss(idx, targets, sup, valid), plain.loss(idx, targets, sup, valid))
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj")])
+def test_lora_gradients_equal(tiny, targets):
+    """Training: the loss and every LoRA gradient (CausalAttention's backward, the fused MLP
+    beside LoRA-wrapped projections, vocab_linear's backward) against the plain path."""
+    models = both_paths(tiny[0])
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 300, (2, 70), generator=g)
+    valid = torch.ones(2, 70, dtype=torch.bool)
+    valid[1, 55:] = False
+    sup = torch.zeros(2, 70, dtype=torch.bool)
+    sup[0, 40:69], sup[1, 30:54] = True, True
+    grads = []
+    for m in models:
+        torch.manual_seed(0)
+        lora.inject(m, targets, r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for mod in lora.lora_modules(m).values():
+                mod.lora_B.weight.normal_(0, 0.05)               # nonzero B: every gradient flows
+        m.train()
+        loss = m.loss(idx, torch.roll(idx, -1, 1), sup, valid)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (la, ga), (lb, gb) = grads
+    assert close(lb, la)
+    assert ga.keys() == gb.keys() and len(ga) == 2 * len(targets) * 2
+    for name in ga:
+        assert ga[name].abs().max() > 0, name
+        assert close(gb[name], ga[name], rel=1e-4), name
+
+
+def test_prefill_batch_caches_and_greedy_tokens_equal(tiny):
+    plain, quick = both_paths(tiny[0])
+    prompts = [[5, 9, 200, 17, 3, 44, 8], [7, 7, 150], list(range(20, 45))]
+    (ca, la), (cb, lb) = generate.prefill_batch(plain, prompts, 4), generate.prefill_batch(quick, prompts, 4)
+    assert close(lb, la) and torch.equal(ca.valid, cb.valid) and torch.equal(ca.next_pos, cb.next_pos)
+    for ka, kb in zip(ca.k + ca.v, cb.k + cb.v):
+        assert close(kb, ka)
+    assert generate.generate(quick, prompts, 12, eos_ids=[]) == generate.generate(plain, prompts, 12, eos_ids=[])
+
+
+def test_fast_load_is_plain_off_the_fp32_cpu_path(tiny):
+    m = fast.load(tiny[0], dtype=torch.bfloat16)[0]
+    assert type(m.model.layers[0].self_attn) is M.Attention and m.head_linear is torch.nn.functional.linear
+
+
+def test_real_model_paths_agree(default_dir):
+    """The default model: next-token logits of a 60-token prompt and 16 greedy tokens."""
+    plain, quick = both_paths(default_dir)
+    tok = M.load_tokenizer(default_dir, plain.args)
+    ids = tok.encode("A user liked \"Toy Story (1995)\" and \"Heat (1995)\". " * 4 + "Next they watched")
+    with torch.no_grad():
+        a, b = plain.head(plain(torch.tensor([ids]))[0, -1]), quick.head(quick(torch.tensor([ids]))[0, -1])
+    assert (a - b).abs().max() < 1e-3 and a.abs().max() > 5
+    assert generate.generate(quick, [ids], 16, eos_ids=[]) == generate.generate(plain, [ids], 16, eos_ids=[])
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("B, nh, nkv, T, hd, pads, dtype, tol", [
+    (1, 9, 3, 512, 64, None, torch.float32, 2e-5),          # the default model's shapes, plain causal
+    (3, 4, 2, 150, 16, "left", torch.float32, 2e-5),        # GQA, a ragged last block, left padding
+    (2, 4, 4, 70, 8, "right", torch.float32, 2e-5),         # no GQA, right padding
+    (2, 6, 2, 130, 32, "left", torch.bfloat16, 3e-2),
+])
+@pytest.mark.parametrize("keep_p", [True, False])
+def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep_p, monkeypatch):
+    """CausalAttention's hand-written forward and backward against autograd through torch's own
+    SDPA (math kernel, float64), for the masks attention_mask makes; with P kept from the forward
+    and with P recomputed in the backward."""
+    monkeypatch.setattr(fast, "ATTN_KEEP_P_BYTES", 1 << 40 if keep_p else 0)
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B, T, nh, hd, generator=g).transpose(1, 2)   # strided, as Attention makes it
+    k, v = torch.randn(B, nkv, T, hd, generator=g), torch.randn(B, nkv, T, hd, generator=g) * 2
+    dy = torch.randn(B, nh, T, hd, generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        if pads == "left":
+            valid[b, :5 * b] = False
+        elif pads == "right":
+            valid[b, T - 7 * b:] = False
+    mask = M.attention_mask(valid, None)
+    assert (mask is None) == (pads is None)
+    ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    y_ours = fast.CausalAttention.apply(*ours, mask)
+    grads = torch.autograd.grad(y_ours, ours, dy.to(dtype))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        y = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=mask is None,
+                                                             enable_gqa=nkv != nh)
+    assert y_ours.dtype == dtype and y_ours.shape == y.shape
+    assert ((y_ours.double() - y).abs().max() / y.abs().max()).item() < tol / 2
+    expected = torch.autograd.grad(y, ref, dy.double())
+    for name, a, e in zip("qkv", grads, expected):
+        assert a.dtype == dtype and a.shape == e.shape
+        err = ((a.double() - e).abs().max() / e.abs().max()).item()
+        assert err < tol, (name, err)
+    assert expected[1].abs().max() > 0.1      # the keys do get a gradient (not a comparison of zeros)
+    # keys that need no gradient (layer 0 under LoRA) are skipped; q and v are unchanged
+    q2, v2 = ours[0].detach().requires_grad_(), ours[2].detach().requires_grad_()
+    dq2, dv2 = torch.autograd.grad(fast.CausalAttention.apply(q2, ours[1].detach(), v2, mask), (q2, v2), dy.to(dtype))
+    assert torch.equal(dq2, grads[0]) and torch.equal(dv2, grads[2])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("V", [96, 100])          # 100: not divisible by 3 or 8 threads' slices
+@pytest.mark.parametrize("lead", [(), (5,), (2, 7)])
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_vocab_linear_matches_float64_linear(threads, V, lead, layout):
+    """The output head's sliced bmm against F.linear in float64: values and the gradient of h,
+    for row- and column-major weights (fast.prepare stores matrices column-major)."""
+    torch.manual_seed(0)
+    w = torch.randn(V, 24)
+    if layout == "column":
+        w = fast.column_major(w)
+    h = torch.randn(*lead, 24, requires_grad=True)
+    dy = torch.randn(*lead, V)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = fast.vocab_linear(h, w)
+        (dh,) = torch.autograd.grad(out, h, dy)
+    finally:
+        torch.set_num_threads(old)
+    h64 = h.detach().double().requires_grad_()
+    ref = torch.nn.functional.linear(h64, w.double())
+    (dref,) = torch.autograd.grad(ref, h64, dy.double())
+    assert out.shape == ref.shape == (*lead, V)
+    assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (dh.double() - dref).abs().max() < 1e-4 * dref.abs().max()
+    with pytest.raises(ValueError, match="size 12 do not fit the output head"):
+        fast.vocab_linear(torch.randn(*lead, 2, 12), w)      # same element count as (*lead, 24)
+
+
+_ALLOC_ROUNDS = textwrap.dedent("""
+    import resource, sys, torch
+    import fast
+    if sys.argv[1] == "keep":
+        assert fast.keep_freed_memory()
+    faults = []
+    for _ in range(6):                   # like a step: 160 MB of activations made, then all freed
+        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        xs = [torch.empty(10 << 20).fill_(1) for _ in range(4)]
+        del xs
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+    print(*faults)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_keep_freed_memory_stops_refaulting():
+    """Allocating and freeing a step's worth of tensors (4 x 40 MB) again and again, each case in
+    a fresh process, counting minor page faults (4 KB each). By default glibc maps blocks above
+    32 MB afresh each time, so every round faults its 160 MB in (~41,000 faults); after
+    keep_freed_memory() the memory is reused and the last rounds fault (almost) nothing."""
+    def rounds(mode):
+        out = subprocess.run([sys.executable, "-c", _ALLOC_ROUNDS, mode], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return [int(x) for x in out.stdout.split()]
+    default, kept = rounds("default"), rounds("keep")
+    assert min(default) > 30000, default   # the count works and the default does refault
+    assert sum(kept[3:]) < 2000, kept
