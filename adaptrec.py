@@ -65,12 +65,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import data as D
-import eval as E
+import data
+import eval as metrics
 import lora
 import generate
-import model as M
-import train as T
+import model as llama
+from tokenizer import Tokenizer
+import train as trainer
+from fetch import atomic_path, write_json
 
 SYSTEM = ("Recommend the movie the user will watch next. Answer with exactly one title from the "
           "candidates and nothing else.\n\n")
@@ -105,7 +107,7 @@ class Pool:
         return self.items[p][:end]
 
 
-def build_pool(d: D.Data) -> Pool:
+def build_pool(d: data.Data) -> Pool:
     seqs = defaultdict(list)
     for j in range(len(d)):                         # d is in time order
         seqs[int(d.users[j])].append(j)
@@ -118,17 +120,17 @@ def build_pool(d: D.Data) -> Pool:
     return Pool(np.array(users, dtype=np.int64), items, ts)
 
 
-def row_key(r: D.SeqRow) -> str:
+def row_key(r: data.SeqRow) -> str:
     return f"{r.user}:{r.ts}:{r.target}"
 
 
 # ----------------------------------------------------------------------------- stage 1: vectors and retrieval
 
-def seq_text(d: D.Data, items: list) -> str:
-    return D.quoted_list(d.titles[i] for i in items)
+def seq_text(d: data.Data, items: list) -> str:
+    return data.quoted_list(d.titles[i] for i in items)
 
 
-def model_key(model: M.Llama) -> str:
+def model_key(model: llama.Llama) -> str:
     """A fingerprint of the weights (config and a few tensors), for the on-disk caches."""
     h = hashlib.sha1(json.dumps(model.args.__dict__, sort_keys=True, default=str).encode())
     for t in (model.model.embed_tokens.weight[:64], model.model.norm.weight, model.model.layers[-1].mlp.down_proj.weight[:4]):
@@ -137,7 +139,7 @@ def model_key(model: M.Llama) -> str:
 
 
 @torch.no_grad()
-def embed_texts(model: M.Llama, tok: M.Tokenizer, texts: list, batch_size: int = 16, log=None) -> torch.Tensor:
+def embed_texts(model: llama.Llama, tok: Tokenizer, texts: list, batch_size: int = 16, log=None) -> torch.Tensor:
     """(n, D) fp32: each text's final hidden states (after the last norm) averaged over its tokens.
     Batches are formed in order of length (little padding); padding is excluded from the mean."""
     ids = [tok.encode(t) for t in texts]
@@ -186,11 +188,9 @@ class VectorCache:
             if log:
                 log(f"[adaptrec] stage 1: embedding {len(missing)} texts ({len(texts) - len(missing)} cached)")
             self.vecs.update(zip(missing, embed_texts(model, tok, missing, log=log)))
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            save_file({"vecs": torch.stack(list(self.vecs.values())).contiguous()}, tmp,
-                      metadata={"model": self.key, "texts": json.dumps(list(self.vecs))})
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                save_file({"vecs": torch.stack(list(self.vecs.values())).contiguous()}, tmp,
+                          metadata={"model": self.key, "texts": json.dumps(list(self.vecs))})
         return torch.stack([self.vecs[t] for t in texts]) if texts else torch.zeros(0, model.args.dim)
 
 
@@ -213,7 +213,7 @@ class Retriever:
     def __init__(self, d, pool: Pool, model, tok, cache: VectorCache, n: int, window: int = 10,
                  min_items: int = 4, log=None):
         self.d, self.pool, self.n, self.window, self.min_items = d, pool, n, window, min_items
-        self.item_vecs = cache.get(model, tok, [D.quote(t) for t in d.titles], log)            # (I, D)
+        self.item_vecs = cache.get(model, tok, [data.quote(t) for t in d.titles], log)            # (I, D)
         # all users' prefix sums in one flat tensor: user p's sum of its first e items is row offset[p] + e
         lens = [len(it) for it in pool.items]
         self.offset = torch.tensor(np.r_[0, np.cumsum([x + 1 for x in lens])[:-1]], dtype=torch.long)
@@ -226,7 +226,7 @@ class Retriever:
         s = (e - self.window).clamp(min=0)
         return (self.prefix[self.offset + e] - self.prefix[self.offset + s]) / (e - s).clamp(min=1)[:, None]
 
-    def allowed(self, r: D.SeqRow) -> tuple[np.ndarray, np.ndarray]:
+    def allowed(self, r: data.SeqRow) -> tuple[np.ndarray, np.ndarray]:
         """(ends before the row's time, mask of pool users it may retrieve: not itself, and at
         least min_items items before its time)."""
         ends = self.pool.ends_before(r.ts)
@@ -245,22 +245,22 @@ class Retriever:
 
 # ----------------------------------------------------------------------------- stage 2: selection
 
-def rating_ids(tok: M.Tokenizer) -> tuple[list, list]:
+def rating_ids(tok: Tokenizer) -> tuple[list, list]:
     """(ids that follow 'Answer:' before the digit, [id of '1', ..., id of '9']). The rating
     must be one token after a common lead-in (e.g. a lone space token), checked here."""
     base = tok.encode("Answer:", bos=False)
     tails = [tok.encode(f"Answer: {k}", bos=False)[len(base):] for k in range(1, 10)]
     lead = tails[0][:-1]
-    if any(t[:-1] != lead for t in tails) or len({t[-1] for t in tails}) != 9 or \
-            any(tok.encode(f"Answer: {k}", bos=False)[:len(base)] != base for k in range(1, 10)):
+    same_base = all(tok.encode(f"Answer: {k}", bos=False)[:len(base)] == base for k in range(1, 10))
+    if any(t[:-1] != lead for t in tails) or len({t[-1] for t in tails}) != 9 or not same_base:
         raise ValueError("this tokenizer does not write the ratings 1..9 after 'Answer:' as one distinct token each")
     return lead, [t[-1] for t in tails]
 
 
 def judge_texts(history_titles: list, others_titles: list) -> tuple[str, list]:
     """The judge's prompt: a prefix with user A, one continuation per user B."""
-    prefix = JUDGE_SYSTEM + f"User A has watched {D.quoted_list(history_titles)}.\n"
-    return prefix, [f"User B has watched {D.quoted_list(o)}.\n{JUDGE_QUESTION}" for o in others_titles]
+    prefix = JUDGE_SYSTEM + f"User A has watched {data.quoted_list(history_titles)}.\n"
+    return prefix, [f"User B has watched {data.quoted_list(o)}.\n{JUDGE_QUESTION}" for o in others_titles]
 
 
 def prompt_key() -> str:
@@ -319,7 +319,7 @@ class Selector:
 
     def save(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        T.write_json({"model": self.key, "rows": self.scores}, self.path)
+        write_json({"model": self.key, "rows": self.scores}, self.path)
 
     def rate(self, rows: list, retrieved: dict):
         """Fill the LLM ratings of every row's retrieved units, skipping cached ones."""
@@ -335,7 +335,7 @@ class Selector:
                 if self.log:
                     self.log(f"[adaptrec] stage 2: judged {n + 1}/{len(todo)} rows ({time.time() - t0:.0f}s)")
 
-    def select(self, r: D.SeqRow, retrieved: dict, m: int, how: str, seed: int = 0, allowed=None) -> list:
+    def select(self, r: data.SeqRow, retrieved: dict, m: int, how: str, seed: int = 0, allowed=None) -> list:
         """Units (pool index, end) of the m demonstrations of row r, most similar first.
         allowed: Retriever.allowed(r), needed by the random selection."""
         if m == 0:
@@ -366,14 +366,14 @@ class Selector:
 # ----------------------------------------------------------------------------- stage 3: prompts
 
 def demo_line(k: int, history_titles: list, chosen: str) -> str:
-    return f"Similar user {k} has watched {D.quoted_list(history_titles)}. Based on this, they chose {D.quote(chosen)} next.\n"
+    return f"Similar user {k} has watched {data.quoted_list(history_titles)}. Based on this, they chose {data.quote(chosen)} next.\n"
 
 
 class Prompter:
     """Renders a row with its demonstrations (units, most similar first) within a budget."""
 
-    def __init__(self, d: D.Data, pool: Pool, tok: M.Tokenizer, demo_history: int, max_len: int):
-        self.d, self.pool, self.tok, self.demo_history, self.max_len = d, pool, tok, demo_history, max_len
+    def __init__(self, d: data.Data, pool: Pool, tok: Tokenizer, demo_history: int, prompt_budget: int):
+        self.d, self.pool, self.tok, self.demo_history, self.prompt_budget = d, pool, tok, demo_history, prompt_budget
 
     def titles(self, items):
         return [self.d.titles[i] for i in items]
@@ -387,8 +387,8 @@ class Prompter:
     def render_text(demos: list, history: list, candidates: list) -> str:
         """demos: [(history titles, chosen title)] in display order (user 1 first); titles only."""
         lines = [demo_line(k + 1, h, chosen) for k, (h, chosen) in enumerate(demos)]
-        query = (f"This user has watched {D.quoted_list(history)}. Recommend one movie from these "
-                 f"candidates: {D.quoted_list(candidates)}.\nAnswer:")
+        query = (f"This user has watched {data.quoted_list(history)}. Recommend one movie from these "
+                 f"candidates: {data.quoted_list(candidates)}.\nAnswer:")
         return SYSTEM + "".join(lines) + ("\n" if lines else "") + query
 
     def text(self, demos: list, history: list, candidates: list) -> str:
@@ -396,31 +396,31 @@ class Prompter:
         shown = [self.titles(self.shown(u)) for u in demos]
         return self.render_text([(t[:-1], t[-1]) for t in shown], self.titles(history), self.titles(candidates))
 
-    def ids(self, r: D.SeqRow, demos: list) -> list:
+    def ids(self, r: data.SeqRow, demos: list) -> list:
         """Prompt ids for row r; the least similar demonstrations go first (and are dropped first)."""
-        text, _, _ = D.fit_budget(lambda ds, h: self.text(ds, h, r.candidates), list(reversed(demos)), r.history,
-                                  lambda t: len(self.tok.encode(t)), self.max_len)
+        text, _, _ = data.fit_budget(lambda ds, h: self.text(ds, h, r.candidates), list(reversed(demos)), r.history,
+                                  lambda t: len(self.tok.encode(t)), self.prompt_budget)
         return self.tok.encode(text)
 
     def answer(self, item: int) -> list:
         """' "<title>"' + EOS: the training target and what the ranking scores. Quoted as in the
         candidate list, so the answer's tokens repeat the list's (' "', then the title's tokens)."""
-        return self.tok.encode(" " + D.quote(self.d.titles[item]), bos=False) + [self.tok.eos_ids[0]]
+        return self.tok.encode(" " + data.quote(self.d.titles[item]), bos=False) + [self.tok.eos_ids[0]]
 
 
 # ----------------------------------------------------------------------------- loss and scoring
 
 @dataclass
 class Example:
-    row: D.SeqRow
-    demos: list          # pool indices, most similar first
+    row: data.SeqRow
+    units: list          # pool indices, most similar first
     ids: list            # prompt ids + answer ids
     n_prompt: int
 
 
-def make_example(prompter: Prompter, r: D.SeqRow, demos: list) -> Example:
-    prompt = prompter.ids(r, demos)
-    return Example(r, demos, prompt + prompter.answer(r.target), len(prompt))
+def make_example(prompter: Prompter, r: data.SeqRow, units: list) -> Example:
+    prompt = prompter.ids(r, units)
+    return Example(r, units, prompt + prompter.answer(r.target), len(prompt))
 
 
 def loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
@@ -435,14 +435,14 @@ def loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
 
 
 @torch.inference_mode()
-def answer_and_rank(model, tok, prompter: Prompter, rows: list, demos: dict, batch_size: int = 8,
+def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: dict, batch_size: int = 8,
                     max_new_tokens: int = 64, log=None) -> tuple[list, list]:
     """For each row, in one pass over its prompt: the greedy answer (first line of at most
     max_new_tokens new tokens; max_new_tokens 0 = ranking only) and log p(' "<title>"' + EOS | prompt)
     of each candidate, (20,) fp32. Prompts are prefilled in left-padded batches (in order of
     length); each row's 20 answers then attend to its slice of that cache (KVCache.row) before
     the batch decodes from it."""
-    prompts = [prompter.ids(r, demos[row_key(r)]) for r in rows]
+    prompts = [prompter.ids(r, units_by_row[row_key(r)]) for r in rows]
     order = sorted(range(len(rows)), key=lambda k: len(prompts[k]))
     answers, logprobs, t0 = [None] * len(rows), [None] * len(rows), time.time()
     for s in range(0, len(order), batch_size):
@@ -460,17 +460,17 @@ def answer_and_rank(model, tok, prompter: Prompter, rows: list, demos: dict, bat
 
 def target_ranks(rows: list, logprobs: list) -> np.ndarray:
     """Rank (0 = first, ties against the target) of each row's target by its candidates' log-probs."""
-    return np.array([E.rank_of_target(lp.numpy(), r.candidates.index(r.target)) for r, lp in zip(rows, logprobs)])
+    return np.array([metrics.rank_of_target(lp.numpy(), r.candidates.index(r.target)) for r, lp in zip(rows, logprobs)])
 
 
-def evaluate(model, tok, prompter, rows, demos, a, log=None) -> tuple[dict, np.ndarray]:
+def evaluate(model, tok, prompter, rows, units_by_row, gen_batch: int = 8, log=None) -> tuple[dict, np.ndarray]:
     """Generation (ValidRatio, HR@1 over all rows) and likelihood ranking (HR@1, HR@5, NDCG@5);
     and the target's rank in each row."""
-    answers, logprobs = answer_and_rank(model, tok, prompter, rows, demos, a.gen_batch, log=log)
+    answers, logprobs = answer_and_rank(model, tok, prompter, rows, units_by_row, gen_batch, log=log)
     ranks = target_ranks(rows, logprobs)
-    matched = [E.match_answer(t, prompter.titles(r.candidates)) for t, r in zip(answers, rows)]
+    matched = [metrics.match_answer(t, prompter.titles(r.candidates)) for t, r in zip(answers, rows)]
     targets = [r.candidates.index(r.target) for r in rows]
-    g = E.hr1_generated(matched, targets)
+    g = metrics.hr1_generated(matched, targets)
     hits = np.array([m is not None and m == t for m, t in zip(matched, targets)], dtype=np.float64)
     return {"hr1": round(g["hr1"], 4), "hr1_ci95": ci(np.mean, hits), "valid_ratio": round(g["valid_ratio"], 4),
             "hr1_valid": round(g["hr1_valid"], 4), **rank_metrics(ranks), "n": len(rows),
@@ -479,13 +479,13 @@ def evaluate(model, tok, prompter, rows, demos, a, log=None) -> tuple[dict, np.n
 
 
 def ci(stat, *arrays) -> list:
-    return [round(x, 4) for x in E.bootstrap_ci(stat, *arrays, n_boot=1000)]
+    return [round(x, 4) for x in metrics.bootstrap_ci(stat, *arrays, n_boot=1000)]
 
 
 def rank_metrics(ranks) -> dict:
-    return {"hr1_rank": round(E.hr_at_k(ranks, 1), 4), "hr1_rank_ci95": ci(lambda r: E.hr_at_k(r, 1), ranks),
-            "hr5": round(E.hr_at_k(ranks, 5), 4), "ndcg5": round(E.ndcg_at_k(ranks, 5), 4),
-            "ndcg5_ci95": ci(lambda r: E.ndcg_at_k(r, 5), ranks)}
+    return {"hr1_rank": round(metrics.hr_at_k(ranks, 1), 4), "hr1_rank_ci95": ci(lambda r: metrics.hr_at_k(r, 1), ranks),
+            "hr5": round(metrics.hr_at_k(ranks, 5), 4), "ndcg5": round(metrics.ndcg_at_k(ranks, 5), 4),
+            "ndcg5_ci95": ci(lambda r: metrics.ndcg_at_k(r, 5), ranks)}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -493,20 +493,20 @@ def rank_metrics(ranks) -> dict:
 def add_common(p):
     p.add_argument("--model", default=None, help="HF Llama directory (default: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
-    p.add_argument("--format", default=None, choices=sorted(D.READERS))
+    p.add_argument("--format", default=None, choices=sorted(data.READERS))
     p.add_argument("--out", default="runs/adaptrec", help="output directory; each configuration's adapter is tuned "
                    "into OUT/m<M>-<select> (OUT/m0 without demonstrations)")
-    p.add_argument("--n", type=T.count(1), default=10, help="users retrieved in stage 1 (N)")
-    p.add_argument("--demo-history", type=T.count(0), default=3, help="history items shown per demonstration (paper: 10)")
-    p.add_argument("--judge-history", type=T.count(1), default=5, help="last items of each retrieved user shown to the stage-2 judge")
-    p.add_argument("--max-len", type=T.count(16), default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
+    p.add_argument("--n", type=trainer.count(1), default=10, help="users retrieved in stage 1 (N)")
+    p.add_argument("--demo-history", type=trainer.count(0), default=3, help="history items shown per demonstration (paper: 10)")
+    p.add_argument("--judge-history", type=trainer.count(1), default=5, help="last items of each retrieved user shown to the stage-2 judge")
+    p.add_argument("--prompt-budget", type=trainer.count(16), default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
 
 
-def data_key(d: D.Data) -> str:
+def data_key(d: data.Data) -> str:
     h = hashlib.sha1(f"{len(d)}:{int(d.ts[0])}:{int(d.ts[-1])}".encode())
     h.update("\n".join(d.titles).encode())
     return h.hexdigest()[:12]
@@ -514,39 +514,39 @@ def data_key(d: D.Data) -> str:
 
 @dataclass
 class Setup:
-    d: D.Data
+    d: data.Data
     rows: dict
     pool: Pool
-    model: M.Llama          # the base model: stages 1 and 2 and the controls use it untuned
-    tok: M.Tokenizer
+    model: llama.Llama          # the base model: stages 1 and 2 and the controls use it untuned
+    tok: Tokenizer
     retriever: Retriever
     selector: Selector
     prompter: Prompter
 
 
 def setup(a, log) -> Setup:
-    d = D.load(a.dataset, a.format)
-    rows = D.sequential_rows(d, seed=a.seed)
+    d = data.load(a.dataset, a.format)
+    rows = data.sequential_rows(d, seed=a.seed)
     pool = build_pool(d)
     model, tok = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)
-    if a.max_len + 64 > model.args.max_seq_len:
-        raise ValueError(f"--max-len {a.max_len} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
+    if a.prompt_budget + 64 > model.args.max_seq_len:
+        raise ValueError(f"--prompt-budget {a.prompt_budget} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
     retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.safetensors"), key), a.n, log=log)
     selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-{prompt_key()}-h{a.judge_history}.json"),
                         key, a.judge_history, log)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "
-        f"pool of {len(pool.users)} users; N={a.n}, budget {a.max_len} tokens")
-    return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.max_len))
+        f"pool of {len(pool.users)} users; N={a.n}, budget {a.prompt_budget} tokens")
+    return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.prompt_budget))
 
 
-def demo_overlap(pool: Pool, rows: list, demos: dict) -> dict:
+def demo_overlap(pool: Pool, rows: list, units_by_row: dict) -> dict:
     """What the demonstrators have in common with the target user, from item ids alone (no
     LLM): the mean number of the row's history items found in its demonstrators' units
     (everything they did before the row's time), and the share of rows where a demonstrator's
     unit holds the row's target."""
-    seen = [set(i for u in demos[row_key(r)] for i in pool.unit(u)) for r in rows]
+    seen = [set(i for u in units_by_row[row_key(r)] for i in pool.unit(u)) for r in rows]
     n = max(len(rows), 1)
     return {"demo_history_overlap": round(sum(len(set(r.history) & s) for r, s in zip(rows, seen)) / n, 4),
             "demo_has_target": round(sum(r.target in s for r, s in zip(rows, seen)) / n, 4)}
@@ -577,7 +577,7 @@ def run_name(m: int, how: str) -> str:
 
 def adapter_dir(out: str, m: int, how: str) -> str:
     """The adapter of configuration (m, how) under OUT: train.adapter_dir of its run."""
-    return T.adapter_dir(os.path.join(out, run_name(m, how)))
+    return trainer.adapter_dir(os.path.join(out, run_name(m, how)))
 
 
 # ----------------------------------------------------------------------------- train
@@ -585,32 +585,33 @@ def adapter_dir(out: str, m: int, how: str) -> str:
 def add_train_args(p):
     p.add_argument("--configs", default="0,5:llm", help="comma-separated M:SELECT, one adapter each, trained on the "
                    "same rows (0 = no demonstrations); all selections: 0,5:llm,5:embed,5:random")
-    p.add_argument("--train-rows", type=T.count(0), default=64, help="training rows drawn from all users' train parts (0 = all)")
-    p.add_argument("--val-rows", type=T.count(0), default=0, help="validation rows (users' second-last items), ranked at each "
+    p.add_argument("--train-rows", type=trainer.count(0), default=64, help="training rows drawn from all users' train parts (0 = all)")
+    p.add_argument("--val-rows", type=trainer.count(0), default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
-    p.add_argument("--epochs", type=T.real(0, low_open=True), default=1.0)
-    T.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN",
+    p.add_argument("--epochs", type=trainer.real(0, low_open=True), default=1.0)
+    trainer.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN",
                lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
 
 
 def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list, retrieved: dict) -> dict:
     """Tune one adapter, on a fresh copy of the base model, with M = m demonstrations chosen by `how`."""
     t0 = time.time()
-    demos = demonstrations(s, train_rows + val_rows, retrieved, m, how, a.seed)
+    units_by_row = demonstrations(s, train_rows + val_rows, retrieved, m, how, a.seed)
     if how == "llm":
         dis = s.selector.disagreement(train_rows, retrieved, m)
         log_fn(f"[adaptrec] stage 2 vs stage 1 on the training rows: top-{m} sets differ on "
                f"{dis['top_m_set_differs']:.1%}, top-1 on {dis['top_1_differs']:.1%}")
-    examples = [make_example(s.prompter, r, demos[row_key(r)]) for r in train_rows]
+    examples = [make_example(s.prompter, r, units_by_row[row_key(r)]) for r in train_rows]
     steps = max(1, round(len(examples) * a.epochs / a.batch_size))
     log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
            f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
     model = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
-    cfg = T.config_from_args(model, a, os.path.join(a.out, run_name(m, how)), steps)
+    lora.inject(model, **trainer.lora_from_args(a))
+    cfg = trainer.config_from_args(a, os.path.join(a.out, run_name(m, how)), steps)
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
-    validate = (lambda mod: E.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, demos,
+    validate = (lambda mod: metrics.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, units_by_row,
                                                                                max_new_tokens=0)[1]), 20)) if val_rows else None
-    summary = T.train(model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
+    summary = trainer.train(model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
                       run_config={"method": "adaptrec", "m": m, "select": how, "args": vars(a),
                                   "train_rows": len(examples), "val_rows": len(val_rows)},
                       base_model=a.model or "SmolLM2-135M-Instruct")
@@ -630,13 +631,13 @@ def cmd_train(a):
     retrieved = s.retriever.retrieve(train_rows + val_rows)
     for m, how in configs:
         train_config(s, a, m, how, train_rows, val_rows, retrieved)
-    T.dist_close()
+    trainer.dist_close()
     log_fn(f"[adaptrec] {len(configs)} adapter(s) in {time.time() - t0:.0f}s")
 
 
 # ----------------------------------------------------------------------------- eval
 
-def causal_pop(d: D.Data, rows: list) -> np.ndarray:
+def causal_pop(d: data.Data, rows: list) -> np.ndarray:
     """(rows, items): how often each item was taken, by anyone, strictly before the row's time."""
     ts_by_item = [np.sort(d.ts[d.items == i]) for i in range(len(d.item_ids))]
     return np.array([[np.searchsorted(t, r.ts, side="left") for t in ts_by_item] for r in rows], dtype=np.float64)
@@ -651,37 +652,37 @@ def title_prior(model, tok, prompter: Prompter, items: list) -> dict:
     return dict(zip(items, lp.tolist()))
 
 
-def control_ranks(s: Setup, rows: list, demos: dict, a, log) -> dict:
+def control_ranks(s: Setup, rows: list, units_by_config: dict, sasrec_epochs: int, seed: int, log) -> dict:
     """{control: target ranks} on these rows, every score from what was known before the row's
     time (Pop (t), DemoVote, TitlePrior) or from the users' training rows (Pop, SASRec, the
     classical baselines as they are usually run on leave-one-out splits)."""
-    import baselines as B
+    import baselines
     pop_t = causal_pop(s.d, rows)                                                  # (R, I)
     tie = pop_t / (pop_t.max() + 1)                                               # < 1: only breaks ties
-    out = {"Pop (t)": B.candidate_ranks(pop_t, rows)}
-    for (m, how), units in demos.items():
+    out = {"Pop (t)": baselines.candidate_ranks(pop_t, rows)}
+    for (m, how), units in units_by_config.items():
         if m:
             vote = np.zeros_like(pop_t)
             for k, r in enumerate(rows):
                 for u in units[row_key(r)]:
                     vote[k, s.prompter.shown(u)] += 1
-            out[f"DemoVote (M={m}, {how})"] = B.candidate_ranks(vote + tie, rows)
+            out[f"DemoVote (M={m}, {how})"] = baselines.candidate_ranks(vote + tie, rows)
     prior = title_prior(s.model, s.tok, s.prompter, sorted({c for r in rows for c in r.candidates}))
-    out["TitlePrior (base)"] = np.array([E.rank_of_target([prior[c] for c in r.candidates], r.candidates.index(r.target))
+    out["TitlePrior (base)"] = np.array([metrics.rank_of_target([prior[c] for c in r.candidates], r.candidates.index(r.target))
                                          for r in rows])
     pop = np.bincount([r.target for r in s.rows["train"]], minlength=len(s.d.item_ids)).astype(np.float64)
-    out["Pop"] = B.candidate_ranks(np.tile(pop, (len(rows), 1)), rows)
-    if a.sasrec_epochs:
-        sas = B.train_sasrec(len(s.d.item_ids), s.rows, seed=a.seed, epochs=a.sasrec_epochs, log=log)
+    out["Pop"] = baselines.candidate_ranks(np.tile(pop, (len(rows), 1)), rows)
+    if sasrec_epochs:
+        sas = baselines.train_sasrec(len(s.d.item_ids), s.rows, seed=seed, epochs=sasrec_epochs, log=log)
         with torch.no_grad():
-            out["SASRec"] = B.candidate_ranks(sas.scores(B.pad_hist(rows, sas.max_len)).numpy(), rows)
+            out["SASRec"] = baselines.candidate_ranks(sas.scores(baselines.pad_hist(rows, sas.max_history)).numpy(), rows)
     return out
 
 
 def paired_to_best(results: list, ranks: dict, controls: list) -> str:
     """Add to each LLM row its ranked HR@1 and NDCG@5 minus the best control's (by ranked HR@1,
     then NDCG@5) on the same rows, with paired bootstrap intervals; returns the control's name."""
-    best = max(controls, key=lambda c: (E.hr_at_k(ranks[c], 1), E.ndcg_at_k(ranks[c], 5)))
+    best = max(controls, key=lambda c: (metrics.hr_at_k(ranks[c], 1), metrics.ndcg_at_k(ranks[c], 5)))
     n = len(ranks[best])
     strata = [[np.array([k]) for k in range(n)]]
     for r in results:
@@ -689,7 +690,7 @@ def paired_to_best(results: list, ranks: dict, controls: list) -> str:
             continue
         mine = ranks[(r["m"], r["select"])]
         for metric, per_row in (("hr1_rank", lambda x: (x < 1).astype(float)), ("ndcg5", lambda x: np.where(x < 5, 1 / np.log2(x + 2), 0))):
-            point, lo, hi = E.paired_diff_ci(lambda y, v: float(v.mean()), np.zeros(n), per_row(mine), per_row(ranks[best]),
+            point, lo, hi = metrics.paired_diff_ci(lambda y, v: float(v.mean()), np.zeros(n), per_row(mine), per_row(ranks[best]),
                                              strata, n_boot=1000)
             r[f"{metric}_vs_best_control"] = {"vs": best, "diff": round(point, 4), "ci95": [round(lo, 4), round(hi, 4)]}
     return best
@@ -703,10 +704,10 @@ def cmd_eval(a):
     rows = sorted(rng.sample(s.rows["test"], min(a.eval_rows, len(s.rows["test"]))) if a.eval_rows else s.rows["test"],
                   key=lambda r: r.user)
     retrieved = s.retriever.retrieve(rows)
-    demos = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs}
+    units_by_config = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs}
     m_llm = next((m for m, h in configs if h == "llm"), 0)
     agree = s.selector.disagreement(rows, retrieved, m_llm) if m_llm else None
-    controls = control_ranks(s, rows, demos, a, log_fn)
+    controls = control_ranks(s, rows, units_by_config, a.sasrec_epochs, a.seed, log_fn)
     results, ranks = [], dict(controls)
     for m, how in configs:
         model, name = s.model, "base model (untuned)"
@@ -719,9 +720,9 @@ def cmd_eval(a):
             model, name = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0], "AdaptRec"
             lora.load_adapter(model, path)
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
-        res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, demos[(m, how)], a, log_fn)
+        res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
-                        **demo_overlap(s.pool, rows, demos[(m, how)])})
+                        **demo_overlap(s.pool, rows, units_by_config[(m, how)])})
         log_fn(f"[adaptrec]   HR@1 {res['hr1']:.4f} (valid {res['valid_ratio']:.3f}), ranked HR@1 {res['hr1_rank']:.4f}, "
                f"NDCG@5 {res['ndcg5']:.4f}")
     if not results:
@@ -729,8 +730,8 @@ def cmd_eval(a):
                                 "first, or pass --base")
     # a control's answer is its top candidate: always valid, so generated HR@1 = ranked HR@1
     for c, r in controls.items():
-        results.append({"method": c, "kind": "control", "m": None, "select": None, "hr1": round(E.hr_at_k(r, 1), 4),
-                        "hr1_ci95": ci(lambda x: E.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows)})
+        results.append({"method": c, "kind": "control", "m": None, "select": None, "hr1": round(metrics.hr_at_k(r, 1), 4),
+                        "hr1_ci95": ci(lambda x: metrics.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows)})
     best = paired_to_best(results, ranks, list(controls))
     report(results, agree, best, a, time.time() - t0)
 
@@ -752,7 +753,7 @@ def report(results: list, agree: dict | None, best: str, a, elapsed: float):
               f"top-1 on {agree['top_1_differs']:.1%}; mean overlap {agree['mean_overlap']:.2f} of {agree['m']}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
-    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "best_control": best,
+    write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "best_control": best,
                   "rows": results}, path)
     log_fn(f"[adaptrec] wrote {path} ({elapsed:.0f}s)")
 
@@ -773,20 +774,20 @@ def cmd_recommend(a):
     chosen = s.selector.select(row, retrieved, a.m, a.select, a.seed, s.retriever.allowed(row))
     judged = s.selector.scores.get(row_key(row), {})
     rating = {tuple(u): x for u, x in zip(judged.get("units", []), judged.get("rating", []))}
-    print(f"user {a.user}, history (oldest first): {D.quoted_list(s.prompter.titles(row.history))}")
+    print(f"user {a.user}, history (oldest first): {data.quoted_list(s.prompter.titles(row.history))}")
     print(f"stage 1: {len(retrieved[row_key(row)])} similar users (each cut at this user's next item's time)")
     for unit, sim in retrieved[row_key(row)]:
         mark = "*" if unit in chosen else " "
         print(f" {mark} user {s.d.user_ids[s.pool.users[unit[0]]]:>6}  cosine {sim:.3f}  LLM rating "
-              f"{rating.get(unit, float('nan')):.2f}  chose {D.quote(s.d.titles[s.pool.unit(unit)[-1]])}")
+              f"{rating.get(unit, float('nan')):.2f}  chose {data.quote(s.d.titles[s.pool.unit(unit)[-1]])}")
     print(f"stage 2 ({a.select}): {len(chosen)} demonstrations (*)")
     adapter = adapter_dir(a.out, a.m, a.select)
     if os.path.exists(os.path.join(adapter, "adapter_config.json")):
         lora.load_adapter(s.model, adapter)
     else:
         log_fn(f"[adaptrec] no adapter at {adapter}: answering with the base model (run: python adaptrec.py train)")
-    demos = {row_key(row): chosen}
-    (answer,), (lp,) = answer_and_rank(s.model, s.tok, s.prompter, [row], demos)
+    units_by_row = {row_key(row): chosen}
+    (answer,), (lp,) = answer_and_rank(s.model, s.tok, s.prompter, [row], units_by_row)
     print(f"recommendation (generated): {answer}")
     print("candidates by log p(title):")
     for n, k in enumerate(torch.argsort(lp, descending=True).tolist(), 1):
@@ -808,19 +809,19 @@ def main(argv=None):
     e.add_argument("--configs", default="0,5:llm",
                    help="comma-separated M:SELECT (0 = no demonstrations), each evaluated with its own adapter "
                    "(OUT/m<M>-<select>); the full ablation, once trained: 0,1:llm,3:llm,5:llm,7:llm,5:embed,5:random")
-    e.add_argument("--eval-rows", type=T.count(0), default=80, help="test rows (one per user, drawn at random; 0 = all)")
-    e.add_argument("--gen-batch", type=T.count(1), default=8, help="prompts per generation batch")
-    e.add_argument("--sasrec-epochs", type=T.count(0), default=10, help="SASRec epochs at most, early-stopped on the valid "
+    e.add_argument("--eval-rows", type=trainer.count(0), default=80, help="test rows (one per user, drawn at random; 0 = all)")
+    e.add_argument("--gen-batch", type=trainer.count(1), default=8, help="prompts per generation batch")
+    e.add_argument("--sasrec-epochs", type=trainer.count(0), default=10, help="SASRec epochs at most, early-stopped on the valid "
                    "rows (0 = Pop only; baselines.py uses 30)")
     e.add_argument("--base", action="store_true", help="evaluate the untuned base model instead of the adapters")
     r = sub.add_parser("recommend", help="show retrieval, selection and the recommendation for one user's next item")
     add_common(r)
     r.add_argument("--user", required=True, help="user id as in the dataset")
-    r.add_argument("--m", type=T.count(0), default=5)
+    r.add_argument("--m", type=trainer.count(0), default=5)
     r.add_argument("--select", default="llm", choices=SELECTIONS)
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    T.run_cli({"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}, a)
+    trainer.run_cli({"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}, a)
 
 
 if __name__ == "__main__":

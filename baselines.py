@@ -35,14 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data as D
-import eval as E
+import data
+import eval as metrics
 
 
 # ----------------------------------------------------------------------------- binary task
 
-def binary_split(d: D.Data, n_periods: int, train_periods: int, threshold: float):
-    per = D.periods(len(d), n_periods)
+def binary_split(d: data.Data, n_periods: int, train_periods: int, threshold: float):
+    per = data.periods(len(d), n_periods)
     y = (d.ratings >= threshold).astype(np.int64)
     return per, y, per < train_periods
 
@@ -92,7 +92,7 @@ def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
             loss = F.binary_cross_entropy_with_logits(m(U[b], I[b]), Y[b])
             opt.zero_grad(), loss.backward(), opt.step()
         with torch.no_grad():
-            v = E.auc(y[val], m(U[val], I[val]).numpy())
+            v = metrics.auc(y[val], m(U[val], I[val]).numpy())
         if es.stop(v, m):
             break
     log(f"[baselines] MF: {ep + 1} epochs, best held-out AUC {es.best:.4f}")
@@ -100,7 +100,7 @@ def train_mf(d, y, train_mask, seed=0, epochs=60, patience=4, log=print):
     return m
 
 
-def binary_scores(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> dict:
+def binary_scores(d: data.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> dict:
     """{method: score of every interaction}, each model fitted on periods < train_periods only."""
     per, y, train = binary_split(d, n_periods, train_periods, threshold)
     n_items = len(d.item_ids)
@@ -112,7 +112,7 @@ def binary_scores(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=
     return {"Pop": count[d.items], "ItemLikeRate": ((likes + 1) / (count + 2))[d.items], "MF": mf_scores}
 
 
-def causal_counts(d: D.Data, y: np.ndarray) -> dict:
+def causal_counts(d: data.Data, y: np.ndarray) -> dict:
     """For each interaction (d in time order): likes and count of its user and of its item over
     the interactions strictly before its timestamp (interactions at the same time do not see
     each other)."""
@@ -149,7 +149,7 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, l2: float = 1e-4, iters: int = 30) 
     return np.r_[w[:-1] / sd, w[-1] - (w[:-1] * mu / sd).sum()]
 
 
-def realtime_scores(d: D.Data, threshold: float, demo_likes: np.ndarray, demo_n: np.ndarray,
+def realtime_scores(d: data.Data, threshold: float, demo_likes: np.ndarray, demo_n: np.ndarray,
                     train: np.ndarray) -> dict:
     """{control: score of every interaction} from what was known strictly before it. demo_likes /
     demo_n: likes among and number of the user's K latest earlier answers (RecICL's
@@ -162,27 +162,27 @@ def realtime_scores(d: D.Data, threshold: float, demo_likes: np.ndarray, demo_n:
     return {"UserLikeRate": user, "ItemLikeRate (t)": item, "LogReg": x @ w[:-1] + w[-1]}
 
 
-def run_binary(d: D.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> list[dict]:
+def run_binary(d: data.Data, n_periods=10, train_periods=5, threshold=4.0, seed=0, log=print) -> list[dict]:
     per, y, _ = binary_split(d, n_periods, train_periods, threshold)
     rows = []
     for name, s in binary_scores(d, n_periods, train_periods, threshold, seed, log).items():
         for p in range(train_periods, n_periods):
             m = per == p
-            rows.append({"method": name, "period": f"D{p}", "auc": round(E.auc(y[m], s[m]), 4),
-                         "uauc": round(E.uauc(d.users[m], y[m], s[m]), 4), "n": int(m.sum())})
+            rows.append({"method": name, "period": f"D{p}", "auc": round(metrics.auc(y[m], s[m]), 4),
+                         "uauc": round(metrics.uauc(d.users[m], y[m], s[m]), 4), "n": int(m.sum())})
     return rows
 
 
 # ----------------------------------------------------------------------------- sequential task
 
 class SASRec(nn.Module):
-    def __init__(self, n_items, max_len=10, dim=64, blocks=2, heads=1, dropout=0.2):
+    def __init__(self, n_items, max_history=10, dim=64, blocks=2, heads=1, dropout=0.2):
         super().__init__()
         self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)      # index 0 = padding, items shifted by 1
-        self.pos = nn.Embedding(max_len, dim)
+        self.pos = nn.Embedding(max_history, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, dim, dropout, batch_first=True, norm_first=True)
         self.enc = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
-        self.norm, self.drop, self.max_len = nn.LayerNorm(dim), nn.Dropout(dropout), max_len
+        self.norm, self.drop, self.max_history = nn.LayerNorm(dim), nn.Dropout(dropout), max_history
 
     def forward(self, hist):
         """hist: (B, L) item index + 1, left-padded with 0 -> (B, dim) state after the last item."""
@@ -196,23 +196,23 @@ class SASRec(nn.Module):
         return self(hist) @ self.item.weight[1:].T                       # (B, n_items)
 
 
-def pad_hist(rows, max_len):
-    out = np.zeros((len(rows), max_len), dtype=np.int64)
+def pad_hist(rows, max_history):
+    out = np.zeros((len(rows), max_history), dtype=np.int64)
     for k, r in enumerate(rows):
-        h = r.history[-max_len:]
-        out[k, max_len - len(h):] = np.array(h) + 1
+        h = r.history[-max_history:]
+        out[k, max_history - len(h):] = np.array(h) + 1
     return torch.from_numpy(out)
 
 
 def candidate_ranks(scores: np.ndarray, rows) -> np.ndarray:
     """scores (n_rows, n_items) -> rank of each row's target among its candidates."""
-    return np.array([E.rank_of_target(scores[k, r.candidates], r.candidates.index(r.target)) for k, r in enumerate(rows)])
+    return np.array([metrics.rank_of_target(scores[k, r.candidates], r.candidates.index(r.target)) for k, r in enumerate(rows)])
 
 
 def seq_metrics(ranks) -> dict:
-    return {"hr1": round(E.hr_at_k(ranks, 1), 4), "hr5": round(E.hr_at_k(ranks, 5), 4),
-            "ndcg5": round(E.ndcg_at_k(ranks, 5), 4), "n": len(ranks),
-            "hr1_ci95": [round(x, 4) for x in E.bootstrap_ci(lambda r: E.hr_at_k(r, 1), ranks)]}
+    return {"hr1": round(metrics.hr_at_k(ranks, 1), 4), "hr5": round(metrics.hr_at_k(ranks, 5), 4),
+            "ndcg5": round(metrics.ndcg_at_k(ranks, 5), 4), "n": len(ranks),
+            "hr1_ci95": [round(x, 4) for x in metrics.bootstrap_ci(lambda r: metrics.hr_at_k(r, 1), ranks)]}
 
 
 def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
@@ -220,8 +220,8 @@ def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
     rng = np.random.default_rng(seed)
     m = SASRec(n_items)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    H, T = pad_hist(rows["train"], m.max_len), torch.tensor([r.target for r in rows["train"]])
-    Hv = pad_hist(rows["valid"], m.max_len)
+    H, T = pad_hist(rows["train"], m.max_history), torch.tensor([r.target for r in rows["train"]])
+    Hv = pad_hist(rows["valid"], m.max_history)
     es = EarlyStop(patience)
     for ep in range(epochs):
         m.train()
@@ -232,7 +232,7 @@ def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
             opt.zero_grad(), loss.backward(), opt.step()
         m.eval()
         with torch.no_grad():
-            v = E.hr_at_k(candidate_ranks(m.scores(Hv).numpy(), rows["valid"]), 1)
+            v = metrics.hr_at_k(candidate_ranks(m.scores(Hv).numpy(), rows["valid"]), 1)
         log(f"[baselines] SASRec epoch {ep + 1}: loss {loss.item():.3f}, valid HR@1 {v:.4f}")
         if es.stop(v, m):
             break
@@ -240,15 +240,15 @@ def train_sasrec(n_items, rows, seed=0, epochs=30, patience=3, log=print):
     return m.eval()
 
 
-def run_sequential(d: D.Data, seed=0, log=print, max_epochs=30) -> list[dict]:
-    rows = D.sequential_rows(d, seed=seed)
+def run_sequential(d: data.Data, seed=0, log=print, max_epochs=30) -> list[dict]:
+    rows = data.sequential_rows(d, seed=seed)
     n_items = len(d.item_ids)
     pop = np.bincount([r.target for r in rows["train"]], minlength=n_items).astype(np.float64)
     test = rows["test"]
     out = [{"method": "Pop", **seq_metrics(candidate_ranks(np.tile(pop, (len(test), 1)), test))}]
     m = train_sasrec(n_items, rows, seed=seed, epochs=max_epochs, log=log)
     with torch.no_grad():
-        out.append({"method": "SASRec", **seq_metrics(candidate_ranks(m.scores(pad_hist(test, m.max_len)).numpy(), test))})
+        out.append({"method": "SASRec", **seq_metrics(candidate_ranks(m.scores(pad_hist(test, m.max_history)).numpy(), test))})
     return out
 
 
@@ -259,7 +259,7 @@ def main(argv=None):
                                 "and writes OUT/baselines_TASK.json.")
     p.add_argument("--task", choices=["binary", "sequential"], required=True)
     p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
-    p.add_argument("--format", default=None, choices=sorted(D.READERS))
+    p.add_argument("--format", default=None, choices=sorted(data.READERS))
     p.add_argument("--out", default="runs/baselines")
     p.add_argument("--periods", type=int, default=10)
     p.add_argument("--train-periods", type=int, default=5)
@@ -270,7 +270,7 @@ def main(argv=None):
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
     try:
-        d = D.load(a.dataset, a.format)
+        d = data.load(a.dataset, a.format)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if a.task == "binary":

@@ -360,7 +360,7 @@ def periods(n: int, p: int = 10) -> np.ndarray:
 @dataclass
 class Sample:
     """One RecICL interaction: does `user` like `item`? history: liked item indices before it
-    (oldest first); demos: indices of the user's earlier samples (oldest first)."""
+    (oldest first); demo_idx: indices of the user's earlier samples (oldest first)."""
     idx: int
     user: int
     item: int
@@ -368,7 +368,7 @@ class Sample:
     ts: int
     period: int
     history: list
-    demos: list
+    demo_idx: list
 
 
 def recicl_samples(d: Data, n_periods: int = 10, threshold: float = 4.0, k_demos: int = 4, max_history: int = 10) -> list[Sample]:
@@ -386,8 +386,8 @@ def recicl_samples(d: Data, n_periods: int = 10, threshold: float = 4.0, k_demos
         label = int(d.ratings[j] >= threshold)
         (s_ts, s_ix), (l_ts, l_items) = seen[u], liked[u]
         n_seen, n_liked = bisect.bisect_left(s_ts, t), bisect.bisect_left(l_ts, t)
-        demos = s_ix[max(0, n_seen - k_demos):n_seen] if k_demos else []
-        out.append(Sample(j, u, item, label, t, int(per[j]), l_items[max(0, n_liked - max_history):n_liked], demos))
+        demo_idx = s_ix[max(0, n_seen - k_demos):n_seen] if k_demos else []
+        out.append(Sample(j, u, item, label, t, int(per[j]), l_items[max(0, n_liked - max_history):n_liked], demo_idx))
         s_ts.append(t), s_ix.append(j)
         if label:
             l_ts.append(t), l_items.append(item)

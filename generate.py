@@ -17,7 +17,9 @@ import time
 import torch
 
 import fast
-from model import KVCache, Llama, Tokenizer, load
+import model as llama
+from model import KVCache, Llama
+from tokenizer import Tokenizer, load_tokenizer
 
 
 def default_model_dir() -> str:
@@ -26,10 +28,13 @@ def default_model_dir() -> str:
 
 
 def load_model(model_dir: str | None, dtype=torch.float32, device="cpu", plain: bool = False) -> tuple[Llama, Tokenizer]:
-    """fast.load (the CPU fast path where it applies), or model.load with plain=True; the
-    default model for model_dir None. Both compute the same model (tests/test_fast.py)."""
-    loader = load if plain else fast.load
-    return loader(model_dir or default_model_dir(), dtype=dtype, device=device)
+    """The model and its tokenizer: fast.load (the CPU fast path where it applies), or
+    model.load with plain=True; the default model for model_dir None. Both compute the same
+    model (tests/test_fast.py). The tokenizer comes first: its checks are cheap, the weights' not."""
+    model_dir = model_dir or default_model_dir()
+    tok = load_tokenizer(model_dir, llama.read_config(model_dir))
+    loader = llama.load if plain else fast.load
+    return loader(model_dir, dtype=dtype, device=device), tok
 
 
 def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

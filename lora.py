@@ -24,6 +24,8 @@ import os
 import torch
 import torch.nn as nn
 
+from fetch import atomic_path, write_json
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -148,13 +150,9 @@ def save_adapter(model, out_dir: str, base_model: str = ""):
            **model._lora_config, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
            "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
            "layers_to_transform": None, "lora_bias": False}
-    tag = f".tmp{os.getpid()}"                      # a temporary name no other process uses
-    tmp = os.path.join(out_dir, "adapter_model.safetensors" + tag)
-    save_file(adapter_state(model), tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(out_dir, "adapter_config.json" + tag), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(out_dir, "adapter_config.json" + tag), os.path.join(out_dir, "adapter_config.json"))
+    with atomic_path(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
+        save_file(adapter_state(model), tmp, metadata={"format": "pt"})
+    write_json(cfg, os.path.join(out_dir, "adapter_config.json"))
 
 
 _REFUSED = {"use_dora": True, "use_rslora": True, "fan_in_fan_out": True}

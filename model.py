@@ -1,29 +1,25 @@
-"""Llama-2 architecture in plain PyTorch: inference with a KV cache, batched scoring, training loss.
+"""Llama-2 in plain PyTorch: the architecture, a KV cache, masks, the training loss, a strict loader.
 
-What is here, top to bottom:
-  ModelArgs            config dataclass; defaults are Llama-2-7B; built from a HF config.json
-  rms_norm / rope_tables / apply_rope   the math, as small pure functions
-  Attention, MLP, Block, Llama       modules named exactly like the HF checkpoint keys
-  KVCache              preallocated (B, n_kv, T_max, hd) tensors written at explicit slots
-  load                 strict loader for a HF-layout directory (safetensors, single or sharded)
-  Tokenizer            tokenizer.json plus the checkpoint's BOS rule; text is always plain text
+  ModelArgs                  config; defaults are Llama-2-7B; built from a HF config.json
+  rms_norm, rope, sdpa       the math, as small pure functions
+  KVCache                    preallocated (B, n_kv, T_max, hd) keys/values written at explicit slots
+  Attention, MLP, Block, Llama   modules named exactly like the HF checkpoint keys
+  attention_mask, rows_mask  the one mask rule
+  read_config, load          a strict loader for a HF-layout directory (safetensors, single or
+                             sharded); the tokenizer is in tokenizer.py
 
-Generation and batched scoring are in generate.py. This file imports nothing from the project.
+This file imports nothing from the project: copied alone, it is a working model. Generation and
+batched scoring are in generate.py; fast.py makes the same model faster on a CPU through the
+two hooks here (load's `prepare` and Llama.head_linear). Left out, and refused by name in a
+config: rope scaling, attention/MLP biases, activations other than SiLU, sliding windows.
 
-What is left out: rope scaling, attention/MLP biases, activations other than SiLU, sliding
-windows. A config that asks for one of them is refused by name (see ModelArgs.from_hf_config).
+Precision: RMSNorm statistics, the RoPE tables and rotation, the logits and the loss are fp32
+whatever the weight dtype; SDPA's CPU kernels accumulate bf16 inputs in fp32.
 
-Precision policy (written once, here): RMSNorm statistics, the RoPE tables and rotation,
-the logits and the loss are computed in float32 whatever the weight dtype. Attention uses
-torch's scaled_dot_product_attention, i.e. softmax(q k^T / sqrt(hd) + mask) v, whose CPU
-kernels accumulate in float32 for bfloat16 inputs; training on CPU uses fast.py's CausalAttention, the
-same math written out, computed in float32.
-
-Positions and masks come from the data, never assumed: every token carries a `valid` flag
-(False = padding); a token's RoPE position is the number of valid tokens before it in its row
-(prefix and cache included); a query may attend to a key iff the key's slot is not after the
-query's slot and the key is valid. A padded query always sees at least itself, so no softmax
-row is empty (an all -inf row would give NaN); its output is garbage that nobody reads.
+Positions and masks come from the data: every token carries a `valid` flag (False = padding);
+its RoPE position is the number of valid tokens before it in its row (prefix and cache
+included); a query sees a key iff the key's slot is not after its own and the key is valid.
+A padded query always sees itself, so no softmax row is empty; nobody reads its output.
 
 References: Touvron et al. 2023, "Llama 2" (arXiv 2307.09288); Su et al. 2021, RoFormer
 (arXiv 2104.09864); Zhang & Sennrich 2019, RMSNorm; Shazeer 2020, SwiGLU (arXiv 2002.05202);
@@ -31,6 +27,7 @@ Ainslie et al. 2023, GQA (arXiv 2305.13245). HF Llama layout: q/k rotate halves 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -65,33 +62,28 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """Build from a HF Llama config.json dict. Anything that would change the math and that
-        is not implemented here is refused with the field named, and so is any value that is
-        missing, of the wrong type, or out of range (sizes drive allocation: a bad one must not
-        turn into a hang or a multi-GB request)."""
+        """Build from a HF Llama config.json dict. What would change the math and is not
+        implemented here is refused by name, and so is a value that is missing, of the wrong
+        type or out of range (sizes drive allocation: a bad one must not become a huge request)."""
         if not isinstance(cfg, dict):
             raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
-
-        def need_int(key, low, high, default=None):
-            v = cfg.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-                raise ValueError(f"config.json: {key} must be an integer in [{low}, {high}], got {v!r}")
-            return v
-
-        def need_positive(key, default):
-            v = cfg.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"config.json: {key} must be a finite number > 0, got {v!r}")
-            return float(v)
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if key not in cfg:
+        ranges = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+                  "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20,
+                  "num_key_value_heads": 1024}
+        for key, high in ranges.items():
+            v = cfg.get(key, 2048 if key == "max_position_embeddings" else None)
+            if v is None and key == "num_key_value_heads":
+                continue                                 # default: num_attention_heads
+            if v is None:
                 raise ValueError(f"config.json: {key} is missing")
-        need_int("hidden_size", 1, 1 << 16), need_int("num_hidden_layers", 1, 1024)
-        need_int("num_attention_heads", 1, 1024), need_int("intermediate_size", 1, 1 << 18)
-        need_int("vocab_size", 1, 1 << 22), need_int("max_position_embeddings", 1, 1 << 20, 2048)
-        if cfg.get("num_key_value_heads") is not None:
-            need_int("num_key_value_heads", 1, 1024)
-        need_positive("rms_norm_eps", 1e-6)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
+                raise ValueError(f"config.json: {key} must be an integer in [1, {high}], got {v!r}")
+        rope = cfg.get("rope_parameters") or {}
+        numbers = {"rms_norm_eps": (cfg.get("rms_norm_eps", 1e-6), 0),
+                   "rope_theta": (rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), 1)}
+        for key, (v, low) in numbers.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
+                raise ValueError(f"config.json: {key} must be a finite number > {low}, got {v!r}")
         if not isinstance(cfg.get("tie_word_embeddings", False), bool):
             raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
         for key in ("bos_token_id", "eos_token_id"):
@@ -99,40 +91,27 @@ class ModelArgs:
             for i in (ids if isinstance(ids, list) else [ids]):
                 if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg["vocab_size"]):
                     raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size {cfg['vocab_size']}")
-        if cfg.get("model_type", "llama") != "llama":
-            raise ValueError(f"config.json: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
-        refuse = {
-            "attention_bias": lambda v: bool(v),
-            "mlp_bias": lambda v: bool(v),
-            "hidden_act": lambda v: v != "silu",
-            "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default",
-            "sliding_window": lambda v: v is not None,
-        }
+        refuse = {"model_type": lambda v: v != "llama", "attention_bias": bool, "mlp_bias": bool,
+                  "hidden_act": lambda v: v != "silu", "sliding_window": lambda v: v is not None,
+                  "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default"}
         for name, bad in refuse.items():
             if name in cfg and bad(cfg[name]):
                 raise ValueError(f"config.json: unsupported {name}={cfg[name]!r}")
-        rope = cfg.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"config.json: unsupported rope_parameters.rope_type={rope['rope_type']!r}")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
-            raise ValueError(f"config.json: rope_theta must be a finite number > 1, got {theta!r}")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        if dim % n_heads:
-            raise ValueError(f"config.json: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
-        if cfg.get("head_dim") not in (None, dim // n_heads):
-            raise ValueError(f"config.json: unsupported head_dim={cfg['head_dim']} (must be hidden_size/num_attention_heads)")
         n_kv = cfg.get("num_key_value_heads") or n_heads
+        if dim % n_heads or cfg.get("head_dim") not in (None, dim // n_heads):
+            raise ValueError(f"config.json: unsupported head_dim (hidden_size {dim} must be num_attention_heads "
+                             f"{n_heads} x head_dim {cfg.get('head_dim')})")
         if n_heads % n_kv:
             raise ValueError(f"config.json: num_attention_heads {n_heads} not a multiple of num_key_value_heads {n_kv}")
         eos = cfg.get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                    hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                   norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                   max_seq_len=cfg.get("max_position_embeddings", 2048),
-                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                   bos_id=cfg.get("bos_token_id"), eos_ids=eos)
+                   norm_eps=numbers["rms_norm_eps"][0], rope_theta=float(numbers["rope_theta"][0]),
+                   max_seq_len=cfg.get("max_position_embeddings", 2048), tie_embeddings=cfg.get("tie_word_embeddings", False),
+                   bos_id=cfg.get("bos_token_id"), eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
 
 
 # ----------------------------------------------------------------------------- math
@@ -142,11 +121,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_len, head_dim) in fp32, HF 'rotate_half' layout:
+def rope_tables(head_dim: int, n_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (n_positions, head_dim) in fp32, HF 'rotate_half' layout:
     frequency j is used by dims j and j + head_dim/2."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)  # (T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)                                  # (T, hd)
     return angles.cos().float(), angles.sin().float()
 
@@ -182,16 +161,16 @@ class KVCache:
     A cache of batch 1 can also serve as a read-only shared prefix for a batch of
     continuations (see Llama.forward's `prefix`)."""
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
-        if max_len > args.max_seq_len:
-            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {args.max_seq_len}")
-        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+    def __init__(self, args: ModelArgs, batch: int, slots: int, dtype=torch.float32, device="cpu"):
+        if slots > args.max_seq_len:
+            raise ValueError(f"cache length {slots} exceeds the model's max_seq_len {args.max_seq_len}")
+        shape = (batch, args.n_kv_heads, slots, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
-        self.max_len = max_len
+        self.slots = slots
 
     def put_row(self, b: int, one: "KVCache", start: int):
         """Copy the filled slots of a batch-1 cache `one` into row b at slots start.. (the
@@ -205,10 +184,9 @@ class KVCache:
     def row(self, b: int) -> "KVCache":
         """A batch-1 view of row b (no copy): a read-only prefix for continuations of that row
         only, e.g. after a left-padded batch prefill (its pad slots stay invalid)."""
-        view = KVCache.__new__(KVCache)
+        view = copy.copy(self)
         view.k, view.v = [k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v]
         view.valid, view.next_pos = self.valid[b:b + 1], self.next_pos[b:b + 1]
-        view.length, view.max_len = self.length, self.max_len
         return view
 
 
@@ -355,8 +333,8 @@ class Llama(nn.Module):
         if cache is not None:
             if cache.k[0].shape[0] != B:
                 raise ValueError(f"cache batch {cache.k[0].shape[0]} != input batch {B}")
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"cache full: {cache.length} + {T} > {cache.max_len} slots")
+            if cache.length + T > cache.slots:
+                raise ValueError(f"cache full: {cache.length} + {T} > {cache.slots} slots")
             start, base_pos = cache.length, cache.next_pos
             cache.valid[:, start:start + T] = valid
             past_valid = cache.valid[:, :start]
@@ -431,42 +409,6 @@ def rows_mask(valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the BOS rule of the checkpoint: special tokens are never
-    added by the backend; BOS is prepended once iff tokenizer_config.json says add_bos_token.
-    Text is always plain text: a string such as "<|im_end|>" inside it (a title in the data,
-    say) is encoded as its characters, never as the control token; callers add control
-    tokens by id."""
-
-    def __init__(self, path: str, bos_id: int | None, add_bos: bool, eos_ids: list[int]):
-        from tokenizers import Tokenizer as HFTokenizer
-        self.tk = HFTokenizer.from_file(path)
-        self.tk.encode_special_tokens = True
-        self.bos_id, self.add_bos, self.eos_ids = bos_id, add_bos, eos_ids
-
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=False)
-
-    def token_id(self, token: str) -> int:
-        """The id of a control token such as "<|im_start|>" (an error if the vocabulary lacks it)."""
-        i = self.tk.token_to_id(token)
-        if i is None:
-            raise ValueError(f"the tokenizer has no token {token!r}")
-        return i
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tk.get_vocab_size()
-
-
 # ----------------------------------------------------------------------------- loading
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -535,13 +477,8 @@ def checkpoint_files(model_dir: str) -> list[str]:
     return [single]
 
 
-def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> tuple[Llama, Tokenizer]:
-    """Strictly load a HF Llama directory (config.json, tokenizer.json, safetensors).
-    Every expected tensor must be present with its exact shape; missing, extra or mis-shaped
-    tensors are errors that name them. (The default model: generate.load_model.)
-    prepare(model, dtype, device), if given, runs on the model built on 'meta' before any
-    weight has storage: it may swap modules or give parameters storage in its own layout
-    (fast.py does both); every parameter still on 'meta' then gets plain storage."""
+def read_config(model_dir: str) -> ModelArgs:
+    """ModelArgs from model_dir/config.json (HF layout)."""
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
@@ -550,8 +487,17 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> tup
             cfg = json.load(f)
         except ValueError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    args = ModelArgs.from_hf_config(cfg)
-    tok = load_tokenizer(model_dir, args)          # first: its checks are cheap, the weights are not
+    return ModelArgs.from_hf_config(cfg)
+
+
+def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Llama:
+    """Strictly load a HF Llama directory (config.json, safetensors). Every expected tensor must
+    be present with its exact shape; missing, extra or mis-shaped tensors are errors that name
+    them. (The model with its tokenizer, and the default model: generate.load_model.)
+    prepare(model, dtype, device), if given, runs on the model built on 'meta' before any
+    weight has storage: it may swap modules or give parameters storage in its own layout
+    (fast.py does both); every parameter still on 'meta' then gets plain storage."""
+    args = read_config(model_dir)
     with torch.device("meta"):
         model = Llama(args)
     if prepare is not None:
@@ -582,26 +528,4 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> tup
     cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)   # built on 'meta' above
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     model.eval().requires_grad_(False)
-    return model, tok
-
-
-def load_tokenizer(model_dir: str, args: ModelArgs) -> Tokenizer:
-    path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json")
-    tc_path, add_bos = os.path.join(model_dir, "tokenizer_config.json"), False
-    if os.path.exists(tc_path):
-        with open(tc_path) as f:
-            try:
-                tc = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{tc_path}: not valid JSON ({e})") from None
-        add_bos = bool(tc.get("add_bos_token", False)) if isinstance(tc, dict) else False
-    try:
-        tok = Tokenizer(path, args.bos_id, add_bos, args.eos_ids)
-    except Exception as e:                      # the tokenizers library raises its own Exception type
-        raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
-    if tok.vocab_size > args.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                         f"{args.vocab_size}: ids past it would index outside the embeddings")
-    return tok
+    return model

@@ -36,12 +36,13 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-import data as D
-import eval as E
+import data
+import eval as metrics
 import lora
 import generate
-import model as M
-import train as T
+from tokenizer import Tokenizer
+import train as trainer
+from fetch import write_json
 
 SYSTEM = "Predict whether the user will enjoy the movie, from the movies the user rated highly before.\n\n"
 
@@ -49,9 +50,9 @@ SYSTEM = "Predict whether the user will enjoy the movie, from the movies the use
 # ----------------------------------------------------------------------------- prompts
 
 def block(liked_titles: list, title: str, answer: int | None = None) -> str:
-    liked = D.quoted_list(liked_titles) if liked_titles else "none yet"
+    liked = data.quoted_list(liked_titles) if liked_titles else "none yet"
     text = (f"A user has given high ratings to the following movies: {liked}. Leverage this to predict whether "
-            f"the user would enjoy the movie titled {D.quote(title)}. Answer with \"Yes\" or \"No\".\nAnswer:")
+            f"the user would enjoy the movie titled {data.quote(title)}. Answer with \"Yes\" or \"No\".\nAnswer:")
     return text if answer is None else text + (" Yes\n\n" if answer else " No\n\n")
 
 
@@ -60,22 +61,22 @@ def split_query(liked_titles: list, title: str) -> tuple[str, str]:
     The cut falls at a pre-tokenizer boundary (a word, then ' "'), so tokenizing the two parts
     separately gives the same ids as tokenizing the whole block."""
     full = block(liked_titles, title)
-    cut = full.rindex(" " + D.quote(title) + ". Answer with")      # the query's own item is the last one
+    cut = full.rindex(" " + data.quote(title) + ". Answer with")      # the query's own item is the last one
     return full[:cut], full[cut:]
 
 
 class Prompter:
     """Renders samples into token ids within a budget (data.fit_budget)."""
 
-    def __init__(self, d: D.Data, samples: list, tok: M.Tokenizer, k_demos: int, demo_history: int, max_len: int):
+    def __init__(self, d: data.Data, samples: list, tok: Tokenizer, k_demos: int, demo_history: int, prompt_budget: int):
         self.d, self.samples, self.tok = d, samples, tok
-        self.k, self.demo_history, self.max_len = k_demos, demo_history, max_len
+        self.k, self.demo_history, self.prompt_budget = k_demos, demo_history, prompt_budget
         self._rendered = {}              # (sample index, budget) -> render()
 
     def titles(self, items):
         return [self.d.titles[i] for i in items]
 
-    def demo_text(self, s: D.Sample) -> str:
+    def demo_text(self, s: data.Sample) -> str:
         hist = s.history[-self.demo_history:] if self.demo_history else []
         return block(self.titles(hist), self.d.titles[s.item], s.label)
 
@@ -87,23 +88,23 @@ class Prompter:
         """data.fit_budget on this prompt, cutting the query's oldest history titles before any
         demonstration, so that the prompt shows the K demonstrations it is said to show:
         (text, demonstrations kept, history kept)."""
-        return D.fit_budget(lambda ds, hist: self.text(ds, hist, title), demos, history,
-                            lambda t: len(self.tok.encode(t)), self.max_len, history_first=True)
+        return data.fit_budget(lambda ds, hist: self.text(ds, hist, title), demos, history,
+                            lambda t: len(self.tok.encode(t)), self.prompt_budget, history_first=True)
 
-    def render(self, s: D.Sample) -> tuple[str, list]:
+    def render(self, s: data.Sample) -> tuple[str, list]:
         """(text, demonstration samples kept) for sample s."""
-        key = s.idx, self.max_len
+        key = s.idx, self.prompt_budget
         if key not in self._rendered:
-            demos = [self.samples[j] for j in s.demos[-self.k:]] if self.k else []
+            demos = [self.samples[j] for j in s.demo_idx[-self.k:]] if self.k else []
             text, kept, _ = self.fit(demos, s.history, self.d.titles[s.item])
             self._rendered[key] = text, kept
         return self._rendered[key]
 
-    def ids(self, s: D.Sample) -> list:
+    def ids(self, s: data.Sample) -> list:
         return self.tok.encode(self.render(s)[0])
 
 
-def answer_ids(tok: M.Tokenizer) -> list:
+def answer_ids(tok: Tokenizer) -> list:
     """[id of ' Yes', id of ' No'], checked to be single distinct tokens and to be the tokens
     that follow 'Answer:' inside a demonstration."""
     yes, no = tok.encode(" Yes", bos=False), tok.encode(" No", bos=False)
@@ -157,14 +158,14 @@ def make_loss_fn(prompter: Prompter, ans: list):
 def add_common(p):
     p.add_argument("--model", default=None, help="HF Llama directory (default: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
-    p.add_argument("--format", default=None, choices=sorted(D.READERS))
+    p.add_argument("--format", default=None, choices=sorted(data.READERS))
     p.add_argument("--out", default="runs/recicl", help="output directory (default: runs/recicl)")
-    p.add_argument("--periods", type=T.count(2), default=10)
-    p.add_argument("--train-periods", type=T.count(1), default=5, help="D0..D(n-1) train; the rest are test periods")
-    p.add_argument("--threshold", type=T.real(-math.inf), default=4.0, help="rating at or above which the answer is Yes")
-    p.add_argument("--demos", type=T.count(0), default=4, help="K demonstrations per prompt; 0 = TALLRec-style baseline")
-    p.add_argument("--demo-history", type=T.count(0), default=3, help="liked titles shown inside each demonstration")
-    p.add_argument("--max-len", type=T.count(16), default=512, help="prompt budget in tokens")
+    p.add_argument("--periods", type=trainer.count(2), default=10)
+    p.add_argument("--train-periods", type=trainer.count(1), default=5, help="D0..D(n-1) train; the rest are test periods")
+    p.add_argument("--threshold", type=trainer.real(-math.inf), default=4.0, help="rating at or above which the answer is Yes")
+    p.add_argument("--demos", dest="k_demos", type=trainer.count(0), default=4, help="K demonstrations per prompt; 0 = TALLRec-style baseline")
+    p.add_argument("--demo-history", type=trainer.count(0), default=3, help="liked titles shown inside each demonstration")
+    p.add_argument("--prompt-budget", type=trainer.count(16), default=512, help="prompt budget in tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
@@ -172,27 +173,27 @@ def add_common(p):
 
 
 def add_train_args(p):
-    p.add_argument("--train-samples", type=T.count(0), default=256, help="training samples drawn from D0..D4 (0 = all)")
-    p.add_argument("--val-samples", type=T.count(1), default=96, help="held-out samples of the last training period")
-    p.add_argument("--epochs", type=T.real(0, low_open=True), default=1.0)
-    p.add_argument("--steps", type=T.count(0), default=0, help="optimizer steps (default: from samples and epochs)")
-    T.add_args(p, batch_size=8, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl or OUT/nodemo")
+    p.add_argument("--train-samples", type=trainer.count(0), default=256, help="training samples drawn from D0..D4 (0 = all)")
+    p.add_argument("--val-samples", type=trainer.count(1), default=96, help="held-out samples of the last training period")
+    p.add_argument("--epochs", type=trainer.real(0, low_open=True), default=1.0)
+    p.add_argument("--steps", type=trainer.count(0), default=0, help="optimizer steps (default: from samples and epochs)")
+    trainer.add_args(p, batch_size=8, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl or OUT/nodemo")
 
 
 def setup(a, log):
-    d = D.load(a.dataset, a.format)
-    samples = D.recicl_samples(d, a.periods, a.threshold, k_demos=max(a.demos, 0), max_history=10)
+    d = data.load(a.dataset, a.format)
+    samples = data.recicl_samples(d, a.periods, a.threshold, k_demos=max(a.k_demos, 0), max_history=10)
     model, tok = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)
-    if a.max_len > model.args.max_seq_len:
-        raise ValueError(f"--max-len {a.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+    if a.prompt_budget > model.args.max_seq_len:
+        raise ValueError(f"--prompt-budget {a.prompt_budget} exceeds the model's context of {model.args.max_seq_len} tokens")
     ans = answer_ids(tok)
-    prompter = Prompter(d, samples, tok, a.demos, a.demo_history, a.max_len)
-    log(f"[recicl] {len(samples)} samples; answer ids {ans}; K={a.demos}, budget {a.max_len} tokens")
+    prompter = Prompter(d, samples, tok, a.k_demos, a.demo_history, a.prompt_budget)
+    log(f"[recicl] {len(samples)} samples; answer ids {ans}; K={a.k_demos}, budget {a.prompt_budget} tokens")
     return d, samples, model, tok, ans, prompter
 
 
-def run_name(demos: int) -> str:
-    return "icl" if demos > 0 else "nodemo"
+def run_name(k_demos: int) -> str:
+    return "icl" if k_demos > 0 else "nodemo"
 
 
 def log_fn(s):
@@ -201,42 +202,55 @@ def log_fn(s):
 
 # ----------------------------------------------------------------------------- train
 
-def train_adapter(a, d, samples, model, prompter, ans, pool_periods, out_dir, log):
-    """Tune a LoRA adapter on samples from periods < pool_periods; validate by AUC on a
-    held-out part of the last of them. Returns the training summary."""
-    rng = random.Random(a.seed)
+def split_for_training(samples, pool_periods: int, n_train: int, n_val: int, seed: int) -> tuple[list, list]:
+    """(training samples, validation samples) from the periods before pool_periods: n_val held
+    out of the last of them (at most half of it), then n_train drawn from the rest (0 = all)."""
+    rng = random.Random(seed)
     pool = [s for s in samples if s.period < pool_periods]
     last = [s for s in pool if s.period == pool_periods - 1]
-    val = rng.sample(last, min(a.val_samples, len(last) // 2))
+    val = rng.sample(last, min(n_val, len(last) // 2))
     val_ids = {s.idx for s in val}
-    train_pool = [s for s in pool if s.idx not in val_ids]
-    train_set = rng.sample(train_pool, min(a.train_samples, len(train_pool))) if a.train_samples else train_pool
-    steps = a.steps or math.ceil(len(train_set) * a.epochs / a.batch_size)
-    log(f"[recicl] training on {len(train_set)} samples from D0..D{pool_periods - 1}, {steps} steps; "
-        f"validating on {len(val)} held-out samples of D{pool_periods - 1}")
-    cfg = T.config_from_args(model, a, out_dir, steps)
+    rest = [s for s in pool if s.idx not in val_ids]
+    return (rng.sample(rest, min(n_train, len(rest))) if n_train else rest), val
+
+
+def train_adapter(model, prompter, ans, train_set, val, cfg, lora_spec: dict, resume: bool, run_config: dict,
+                  base_model: str):
+    """Tune a LoRA adapter (lora.inject's arguments) on train_set, validated by AUC on val.
+    Returns the training summary."""
+    lora.inject(model, **lora_spec)
     val_labels = np.array([s.label for s in val])
-    validate = lambda m: E.auc(val_labels, score(m, prompter, val, ans))  # noqa: E731
-    return T.train(model, train_set, make_loss_fn(prompter, ans), cfg, validate=validate, resume=a.resume,
-                   run_config={"method": "recicl", "args": vars(a), "train_samples": len(train_set),
-                               "val_samples": len(val)}, base_model=a.model or "SmolLM2-135M-Instruct")
+    validate = lambda m: metrics.auc(val_labels, score(m, prompter, val, ans))  # noqa: E731
+    return trainer.train(model, train_set, make_loss_fn(prompter, ans), cfg, validate=validate, resume=resume,
+                         run_config=run_config, base_model=base_model)
 
 
-def tuned_model(a, path: str):
-    """A fresh copy of the base model with the adapter in `path`."""
-    m = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
-    lora.load_adapter(m, path)
+def tune(a, samples, model, prompter, ans, pool_periods: int, out_dir: str) -> dict:
+    """train_adapter with the command line's settings, on samples of the periods < pool_periods."""
+    train_set, val = split_for_training(samples, pool_periods, a.train_samples, a.val_samples, a.seed)
+    steps = a.steps or math.ceil(len(train_set) * a.epochs / a.batch_size)
+    log_fn(f"[recicl] training on {len(train_set)} samples from D0..D{pool_periods - 1}, {steps} steps; "
+           f"validating on {len(val)} held-out samples of D{pool_periods - 1}")
+    run_config = {"method": "recicl", "args": vars(a), "train_samples": len(train_set), "val_samples": len(val)}
+    return train_adapter(model, prompter, ans, train_set, val, trainer.config_from_args(a, out_dir, steps),
+                         trainer.lora_from_args(a), a.resume, run_config, a.model or "SmolLM2-135M-Instruct")
+
+
+def tuned_model(adapter: str, model_dir: str | None, dtype, plain: bool):
+    """A fresh copy of the base model with the adapter in directory `adapter`."""
+    m = generate.load_model(model_dir, dtype=dtype, plain=plain)[0]
+    lora.load_adapter(m, adapter)
     return m
 
 
 def cmd_train(a):
     t0 = time.time()
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
-    out_dir = os.path.join(a.out, run_name(a.demos))
-    summary = train_adapter(a, d, samples, model, prompter, ans, a.train_periods, out_dir, log_fn)
-    T.dist_close()
+    out_dir = os.path.join(a.out, run_name(a.k_demos))
+    summary = tune(a, samples, model, prompter, ans, a.train_periods, out_dir)
+    trainer.dist_close()
     best = "none finite" if summary["best"] is None else f"{summary['best']:.4f}"
-    log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {best}; adapter in {T.adapter_dir(out_dir)}")
+    log_fn(f"[recicl] done in {time.time() - t0:.0f}s; best validation AUC {best}; adapter in {trainer.adapter_dir(out_dir)}")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -288,25 +302,27 @@ def period_metrics(rows, scores, demos_shown=None, k: int = 0) -> dict:
     y = np.array([s.label for s in rows])
     u = np.array([s.user for s in rows])
     both = [x for x in np.unique(u) if 0 < y[u == x].sum() < (u == x).sum()]
-    out = {"auc": round(E.auc(y, scores), 4), "uauc": round(E.uauc(u, y, scores), 4), "uauc_users": len(both),
+    out = {"auc": round(metrics.auc(y, scores), 4), "uauc": round(metrics.uauc(u, y, scores), 4), "uauc_users": len(both),
            "n": len(rows), "users": len(np.unique(u))}
     if demos_shown is not None:         # shown in the prompt, of the user's earlier samples (at most K)
         out["demos_shown"] = round(float(np.mean(demos_shown)), 3)
-        out["demos_available"] = round(float(np.mean([min(len(s.demos), k) for s in rows])), 3)
+        out["demos_available"] = round(float(np.mean([min(len(s.demo_idx), k) for s in rows])), 3)
     return out
 
 
-def control_scores(d, samples, rows: dict, prompter: Prompter, a, log) -> dict:
+def control_scores(d, samples, rows: dict, prompter: Prompter, k_demos: int, threshold: float, periods: int,
+                   train_periods: int, seed: int, log) -> dict:
     """{control: {period: scores of its rows}}, every score from what was known before the row's
     time: the demonstrations' like rate (the share of Yes among the demonstrations the RecICL
-    prompt shows), baselines.realtime_scores, and the classical models frozen after D0..D4."""
+    prompt shows), baselines.realtime_scores, and the classical models frozen after the
+    training periods."""
     import baselines
     y = np.array([s.label for s in samples], dtype=np.float64)
-    demo_likes = np.array([y[s.demos[-a.demos:]].sum() if a.demos and s.demos else 0.0 for s in samples])
-    demo_n = np.array([min(len(s.demos), a.demos) for s in samples], dtype=np.float64)
-    train = np.array([s.period < a.train_periods for s in samples])
-    per_item = baselines.realtime_scores(d, a.threshold, demo_likes, demo_n, train)
-    per_item.update(baselines.binary_scores(d, a.periods, a.train_periods, a.threshold, a.seed, log))
+    demo_likes = np.array([y[s.demo_idx[-k_demos:]].sum() if k_demos and s.demo_idx else 0.0 for s in samples])
+    demo_n = np.array([min(len(s.demo_idx), k_demos) for s in samples], dtype=np.float64)
+    train = np.array([s.period < train_periods for s in samples])
+    per_item = baselines.realtime_scores(d, threshold, demo_likes, demo_n, train)
+    per_item.update(baselines.binary_scores(d, periods, train_periods, threshold, seed, log))
     out = {"DemoLikeRate": {}}
     for p, rs in rows.items():
         shown = [prompter.render(s)[1] for s in rs]
@@ -319,7 +335,7 @@ def control_scores(d, samples, rows: dict, prompter: Prompter, a, log) -> dict:
 def paired_to_best(rows: dict, llm: dict, controls: dict) -> tuple[str, dict]:
     """The control of highest mean AUC on these rows, and for each LLM method the mean over
     periods of its AUC minus that control's, with a 95% interval from resampling users."""
-    mean_auc = {c: np.mean([E.auc([s.label for s in rs], sc[p]) for p, rs in rows.items()]) for c, sc in controls.items()}
+    mean_auc = {c: np.mean([metrics.auc([s.label for s in rs], sc[p]) for p, rs in rows.items()]) for c, sc in controls.items()}
     best = max(mean_auc, key=lambda c: mean_auc[c])
     order = list(rows)
     y = np.concatenate([[s.label for s in rows[p]] for p in order])
@@ -328,7 +344,7 @@ def paired_to_best(rows: dict, llm: dict, controls: dict) -> tuple[str, dict]:
     ctrl = np.concatenate([controls[best][p] for p in order])
     out = {}
     for name, sc in llm.items():
-        point, lo, hi = E.paired_diff_ci(E.auc, y, np.concatenate([sc[p] for p in order]), ctrl, strata, n_boot=1000)
+        point, lo, hi = metrics.paired_diff_ci(metrics.auc, y, np.concatenate([sc[p] for p in order]), ctrl, strata, n_boot=1000)
         out[name] = {"vs": best, "diff": round(point, 4), "ci95": [round(lo, 4), round(hi, 4)]}
     return best, out
 
@@ -337,34 +353,40 @@ def cmd_eval(a):
     t0 = time.time()
     d, samples, model, tok, ans, _ = setup(a, log_fn)
     rows = eval_rows(samples, range(a.train_periods, a.periods), a.eval_samples, a.rows_per_user, a.seed)
-    prompters = {k: Prompter(d, samples, tok, k, a.demo_history, a.max_len) for k in (0, a.demos)}
+    prompters = {k: Prompter(d, samples, tok, k, a.demo_history, a.prompt_budget) for k in (0, a.k_demos)}
     llm, shown = {}, {}
     for name, adapter, icl in LLM_METHODS:
         if name in ICL_ABLATION and not a.icl_ablation:
             continue
-        m, prompter = model, prompters[a.demos if icl else 0]
+        m, prompter = model, prompters[a.k_demos if icl else 0]
         if adapter is not None:
-            path = T.adapter_dir(os.path.join(a.out, adapter))
+            path = trainer.adapter_dir(os.path.join(a.out, adapter))
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
-            m = tuned_model(a, path)
+            m = tuned_model(path, a.model, a.dtype, a.plain)
         llm[name] = {}
         for p, rs in rows.items():
             log_fn(f"[recicl] {name} on D{p} ({len(rs)} rows, {time.time() - t0:.0f}s so far)")
             llm[name][p] = score(m, prompter, rs, ans, a.score_batch)
         shown[name] = {p: [len(prompter.render(s)[1]) for s in rs] for p, rs in rows.items()}
     if a.update and "RecICL" in llm:
-        llm.update(updated_models(a, d, samples, prompters[a.demos], ans, rows, t0))
-    controls = control_scores(d, samples, rows, prompters[a.demos], a, log_fn)
+        def tune_through(p, out_dir):
+            log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
+            fresh = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
+            tune(a, samples, fresh, prompters[a.k_demos], ans, p, out_dir)
+        llm.update(updated_models(rows, prompters[a.k_demos], ans, os.path.join(a.out, "update"), tune_through,
+                                  lambda path: tuned_model(path, a.model, a.dtype, a.plain), a.score_batch))
+    controls = control_scores(d, samples, rows, prompters[a.k_demos], a.k_demos, a.threshold, a.periods,
+                              a.train_periods, a.seed, log_fn)
     best, diffs = paired_to_best(rows, {k: v for k, v in llm.items() if k != UPDATED}, controls)
     results = []
     for name, sc in list(llm.items()) + list(controls.items()):
         for p, rs in rows.items():
             if p in sc:
                 results.append({"method": name, "kind": "llm" if name in llm else "control", "period": f"D{p}",
-                                **period_metrics(rs, sc[p], shown.get(name, {}).get(p), a.demos)})
+                                **period_metrics(rs, sc[p], shown.get(name, {}).get(p), a.k_demos)})
     report(results, diffs, best, a, time.time() - t0)
 
 
@@ -375,17 +397,17 @@ PDM_DEFINITION = ("PDM = mean over test periods t = D(T+1)..D(P-1) of [AUC on Dt
 UPDATED = "RecICL updated through D(t-1)"
 
 
-def updated_models(a, d, samples, prompter, ans, rows, t0) -> dict:
+def updated_models(rows, prompter, ans, update_dir: str, tune_through, load_tuned, score_batch: int) -> dict:
     """{UPDATED: {period: scores}}: for each test period t after the first, an adapter tuned
-    through D(t-1) (or reused from OUT/update/through_D(t-1)) scores Dt's rows."""
+    through D(t-1) (tune_through(t, directory), or reused from update_dir/through_D(t-1)) scores
+    Dt's rows; load_tuned(adapter directory) gives the base model with that adapter."""
     out = {}
     for p in list(rows)[1:]:
-        out_dir = os.path.join(a.out, "update", f"through_D{p - 1}")
-        if not os.path.exists(os.path.join(T.adapter_dir(out_dir), "adapter_config.json")):
-            log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
-            train_adapter(a, d, samples, generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0], prompter, ans, p, out_dir, log_fn)
-        m = tuned_model(a, T.adapter_dir(out_dir))      # the best adapter, not the last step
-        out[p] = score(m, prompter, rows[p], ans, a.score_batch)
+        out_dir = os.path.join(update_dir, f"through_D{p - 1}")
+        if not os.path.exists(os.path.join(trainer.adapter_dir(out_dir), "adapter_config.json")):
+            tune_through(p, out_dir)
+        m = load_tuned(trainer.adapter_dir(out_dir))      # the best adapter, not the last step
+        out[p] = score(m, prompter, rows[p], ans, score_batch)
     return {UPDATED: out}
 
 
@@ -423,7 +445,7 @@ def report(results, diffs, best, a, elapsed):
         print(f"PDM = {summary[-1]['pdm']:+.4f} (per period {summary[-1]['per_period']}). {PDM_DEFINITION}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
-    T.write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "best_control": best, "summary": summary,
+    write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "best_control": best, "summary": summary,
                   "rows": results}, path)
     log_fn(f"[recicl] wrote {path} ({elapsed:.0f}s)")
 
@@ -432,7 +454,7 @@ def report(results, diffs, best, a, elapsed):
 
 def cmd_recommend(a):
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
-    path = T.adapter_dir(os.path.join(a.out, run_name(a.demos)))
+    path = trainer.adapter_dir(os.path.join(a.out, run_name(a.k_demos)))
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         lora.load_adapter(model, path)
     else:
@@ -460,30 +482,30 @@ def cmd_recommend(a):
     else:
         pop = np.bincount(d.items, minlength=len(d.item_ids))
         cands = [i for i in np.argsort(-pop, kind="stable") if i not in seen][:a.max_candidates]
-    ranked = rank_for_user(model, tok, prompter, d, history, cands, ans, a)
+    ranked = rank_for_user(model, tok, prompter, d, history, cands, ans, a.k_demos, a.threshold, a.batch_size)
     print(f"user {a.user}: {len(history)} interactions ({len(a.feedback or [])} new), latest liked: "
-          f"{D.quoted_list([d.titles[i] for i, r in history if r >= a.threshold][-5:])}")
+          f"{data.quoted_list([d.titles[i] for i, r in history if r >= a.threshold][-5:])}")
     for n, (i, s) in enumerate(ranked[:a.top], 1):
         print(f"{n:>3}. {s:+.3f}  {d.titles[i]}  (item {d.item_ids[i]})")
 
 
-def rank_for_user(model, tok, prompter, d, history, cands, ans, a):
+def rank_for_user(model, tok, prompter, d, history, cands, ans, k_demos: int, threshold: float, batch_size: int = 16):
     """Score candidates by logit(Yes) - logit(No) with the user's latest feedback as
     demonstrations. The prompt up to the candidate's title is computed once (shared prefix);
-    the prompter's budget (--max-len), met for the longest candidate, drops the oldest
+    the prompter's budget (--prompt-budget), met for the longest candidate, drops the oldest
     demonstrations first."""
-    liked = [i for i, r in history if r >= a.threshold][-10:]
+    liked = [i for i, r in history if r >= threshold][-10:]
     demos = []                       # the user's latest K interactions, each with what it knew
-    for k in range(max(0, len(history) - a.demos), len(history)) if a.demos else []:
+    for k in range(max(0, len(history) - k_demos), len(history)) if k_demos else []:
         i, r = history[k]
-        liked_before = [x for x, rr in history[:k] if rr >= a.threshold][-10:]
-        demos.append(D.Sample(-1, -1, i, int(r >= a.threshold), 0, 0, liked_before, []))
+        liked_before = [x for x, rr in history[:k] if rr >= threshold][-10:]
+        demos.append(data.Sample(-1, -1, i, int(r >= threshold), 0, 0, liked_before, []))
     longest = max(cands, key=lambda c: len(tok.encode(d.titles[c], bos=False)))
     _, demos, liked = prompter.fit(demos, liked, d.titles[longest])
     titles = prompter.titles(liked)
     prefix = tok.encode(SYSTEM + "".join(prompter.demo_text(s) for s in demos) + split_query(titles, d.titles[longest])[0])
     suffixes = [tok.encode(split_query(titles, d.titles[c])[1], bos=False) for c in cands]
-    lg = generate.next_token_logits(model, suffixes, prefix=prefix, batch_size=a.batch_size, vocab_ids=ans)
+    lg = generate.next_token_logits(model, suffixes, prefix=prefix, batch_size=batch_size, vocab_ids=ans)
     s = (lg[:, 0] - lg[:, 1]).tolist()
     return sorted(zip(cands, s), key=lambda x: -x[1])
 
@@ -499,10 +521,10 @@ def main(argv=None):
     e = sub.add_parser("eval", help="AUC/UAUC per test period: base and tuned models with and without demonstrations, "
                        "beside real-time and classical controls on the same rows")
     add_common(e)
-    e.add_argument("--eval-samples", type=T.count(0), default=150, help="rows per test period, from whole users (0 = all)")
-    e.add_argument("--rows-per-user", type=T.count(1), default=10, help="at most this many rows of each drawn user")
+    e.add_argument("--eval-samples", type=trainer.count(0), default=150, help="rows per test period, from whole users (0 = all)")
+    e.add_argument("--rows-per-user", type=trainer.count(1), default=10, help="at most this many rows of each drawn user")
     add_train_args(e)
-    e.add_argument("--score-batch", type=T.count(1), default=8, help="prompts per forward when scoring")
+    e.add_argument("--score-batch", type=trainer.count(1), default=8, help="prompts per forward when scoring")
     e.add_argument("--icl-ablation", action="store_true", help="also score the base model and the no-demo tuned "
                    "model with the K demonstrations (the paper's motivating rows; each as slow as the RecICL row)")
     e.add_argument("--update", action="store_true", help="also tune adapters through D(t-1) for each test period t "
@@ -511,15 +533,15 @@ def main(argv=None):
     add_common(r)
     r.add_argument("--user", required=True, help="user id as in the dataset")
     r.add_argument("--items", nargs="*", help="candidate item ids (default: the most popular unseen items)")
-    r.add_argument("--max-candidates", type=T.count(1), default=100)
+    r.add_argument("--max-candidates", type=trainer.count(1), default=100)
     r.add_argument("--feedback", nargs="*", help="new feedback ITEM:RATING, appended as the newest interactions")
-    r.add_argument("--top", type=T.count(1), default=10)
-    r.add_argument("--batch-size", type=T.count(1), default=32)
+    r.add_argument("--top", type=trainer.count(1), default=10)
+    r.add_argument("--batch-size", type=trainer.count(1), default=32)
     a = p.parse_args(argv)
     if a.train_periods >= a.periods:
         p.error(f"--train-periods {a.train_periods} must be below --periods {a.periods} (the rest are test periods)")
     torch.manual_seed(a.seed)
-    T.run_cli({"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}, a)
+    trainer.run_cli({"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}, a)
 
 
 if __name__ == "__main__":

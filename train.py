@@ -19,7 +19,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import lora
-from fetch import sha256
+from fetch import atomic_path, sha256, write_json
 
 
 @dataclass
@@ -95,10 +94,13 @@ def add_args(p, batch_size: int, lr: float, lora_r: int, lora_dropout: float, re
     p.add_argument("--resume", action="store_true", help=f"continue from the checkpoint in {resume_from} (same settings)")
 
 
-def config_from_args(model, a, out_dir: str, steps: int) -> TrainConfig:
-    """Inject LoRA into `model` as the add_args flags say; the TrainConfig they describe (warm-up:
-    a tenth of the steps)."""
-    lora.inject(model, tuple(a.lora_targets.split(",")), r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout)
+def lora_from_args(a) -> dict:
+    """The keyword arguments of lora.inject that the add_args flags describe."""
+    return {"targets": tuple(a.lora_targets.split(",")), "r": a.lora_r, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
+
+
+def config_from_args(a, out_dir: str, steps: int) -> TrainConfig:
+    """The TrainConfig that the add_args flags describe (warm-up: a tenth of the steps)."""
     return TrainConfig(out_dir=out_dir, steps=steps, batch_size=a.batch_size, micro_batch=a.micro_batch, lr=a.lr,
                        warmup_steps=max(1, steps // 10), eval_every=a.eval_every, save_every=a.save_every,
                        seed=a.seed, bf16=a.bf16, grad_checkpoint=a.grad_checkpoint)
@@ -171,19 +173,6 @@ def set_rng_state(plain: dict, tensors: dict):
         torch.cuda.set_rng_state_all(cuda)
 
 
-def write_json(obj, path: str):
-    """Write JSON atomically: a temporary file of a name no other run uses, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # A checkpoint is two files, neither of them a pickle: checkpoint-<step>.safetensors (adapter,
 # AdamW moments, RNG tensors) and checkpoint.json (step, best, settings, optimizer and scheduler
 # hyper-parameters, the other RNG states, and the tensor file's name and SHA-256). The tensor
@@ -200,9 +189,8 @@ def save_checkpoint(out_dir, model, opt, sched, step, best, settings, rng, pendi
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).detach().contiguous() for k, v in st.items()})
     tensors.update(rng["tensors"])
     name = f"checkpoint-{step}.safetensors"
-    tmp = os.path.join(out_dir, name + f".tmp{os.getpid()}")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(out_dir, name))
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        save_file(tensors, tmp)
     write_json({"step": step, "best": best, "settings": settings, "pending_validation": pending_validation,
                 "tensors": name, "sha256": sha256(os.path.join(out_dir, name)),
                 "optimizer": {"param_groups": opt_sd["param_groups"], "state_keys": {i: list(st) for i, st in opt_sd["state"].items()}},
@@ -386,8 +374,8 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
             lock.release()
 
 
-def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params, opt, sched,
-           settings) -> dict:
+def start_run(model, cfg, resume, run_config, rank, world, opt, sched, settings) -> tuple[int, float | None, bool]:
+    """(first step, best metric so far, validation pending) of a fresh or resumed run."""
     start, best, pending = 0, None, False
     if resume:
         start, best, pending = load_checkpoint(cfg.out_dir, model, opt, sched, settings)
@@ -399,6 +387,40 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
         torch.manual_seed(cfg.seed + rank)          # dropout masks; data order is seeded separately
     if rank == 0:
         write_json({"train": asdict(cfg), "world_size": world, **(run_config or {})}, os.path.join(cfg.out_dir, "config.json"))
+    return start, best, pending
+
+
+def optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world, device_type) -> tuple[float, int]:
+    """One optimizer step on the examples at idx (this process's share), in micro-batches;
+    gradients summed over processes. Returns (the global batch's mean loss, tokens seen)."""
+    opt.zero_grad(set_to_none=True)
+    loss_sum, tokens = 0.0, 0
+    for s in range(0, len(idx), cfg.micro_batch):
+        chunk = [examples[i] for i in idx[s:s + cfg.micro_batch]]
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, n_tok = loss_fn(model, chunk)
+        weight = len(chunk) / cfg.batch_size            # share of the global batch
+        (loss * weight).backward()
+        loss_sum += loss.item() * weight
+        tokens += n_tok * world
+    if world > 1:
+        for p in params:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        t = torch.tensor([loss_sum])
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        loss_sum = t.item()
+    if not math.isfinite(loss_sum):
+        return loss_sum, tokens                      # the caller stops; nothing of this step is applied
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    opt.step()
+    sched.step()
+    return loss_sum, tokens
+
+
+def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params, opt, sched,
+           settings) -> dict:
+    start, best, pending = start_run(model, cfg, resume, run_config, rank, world, opt, sched, settings)
     model.grad_checkpoint = cfg.grad_checkpoint
     device_type = next(model.parameters()).device.type
     t0, tokens, step, saved_step = time.time(), 0, start, start
@@ -431,29 +453,11 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
             run_validation()
         while step < cfg.steps:
             idx = batch_indices(step, len(examples), cfg)[rank::world]
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for s in range(0, len(idx), cfg.micro_batch):
-                chunk = [examples[i] for i in idx[s:s + cfg.micro_batch]]
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, n_tok = loss_fn(model, chunk)
-                weight = len(chunk) / cfg.batch_size            # share of the global batch
-                (loss * weight).backward()
-                loss_sum += loss.item() * weight
-                tokens += n_tok * world
-            if world > 1:
-                for p in params:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                t = torch.tensor([loss_sum])
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                loss_sum = t.item()
+            loss_sum, n_tok = optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world, device_type)
+            tokens += n_tok
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"the training loss is {loss_sum} at step {step + 1}: the model or data gives "
                                          f"non-finite values; nothing of this step is saved (last checkpoint: step {saved_step})")
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-            sched.step()
             step += 1
             rng_end = rng_state()          # what an interrupted run must resume from
             if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import adaptrec as A
-import data as D
+import adaptrec
+import data
 import generate
-import model as M
+import model as llama
 from test_recicl import write_tiny_movielens
 
 
@@ -29,19 +29,19 @@ def test_top_n_allowed_equals_brute_force():
     for trial in range(20):
         q, k = torch.randn(8, generator=g), torch.randn(41, 8, generator=g)
         allowed = torch.rand(41, generator=g) < (0.1 if trial % 2 else 0.7)
-        got = A.top_n_allowed(q, k, allowed, 6)
+        got = adaptrec.top_n_allowed(q, k, allowed, 6)
         s = F.cosine_similarity(k, q[None], dim=1)
         ref = sorted(torch.nonzero(allowed)[:, 0].tolist(), key=lambda j: -float(s[j]))[:6]
         assert [j for j, _ in got] == ref
         assert np.allclose([v for _, v in got], s[ref].numpy(), atol=1e-6)
-    assert A.top_n_allowed(q, k, torch.zeros(41, dtype=torch.bool), 6) == []
+    assert adaptrec.top_n_allowed(q, k, torch.zeros(41, dtype=torch.bool), 6) == []
 
 
 def test_pool_holds_no_valid_or_test_item(dirs):
     _, ds, _ = dirs
-    d = D.load(ds, verbose=False)
-    rows = D.sequential_rows(d)
-    pool = A.build_pool(d)
+    d = data.load(ds, verbose=False)
+    rows = data.sequential_rows(d)
+    pool = adaptrec.build_pool(d)
     held_out = {(r.user, r.target, r.ts) for r in rows["valid"] + rows["test"]}
     for u, items, ts in zip(pool.users, pool.items, pool.ts):
         assert all((int(u), i, t) not in held_out for i, t in zip(items, ts))
@@ -50,11 +50,11 @@ def test_pool_holds_no_valid_or_test_item(dirs):
 
 def test_retrieval_cuts_every_user_at_the_query_time(dirs):
     model_dir, ds, out = dirs
-    d = D.load(ds, verbose=False)
-    m, tok = M.load(model_dir)
-    pool = A.build_pool(d)
-    ret = A.Retriever(d, pool, m, tok, A.VectorCache(os.path.join(out, "v.safetensors"), "k"), n=4, window=5)
-    rows = D.sequential_rows(d)
+    d = data.load(ds, verbose=False)
+    m, tok = generate.load_model(model_dir, plain=True)
+    pool = adaptrec.build_pool(d)
+    ret = adaptrec.Retriever(d, pool, m, tok, adaptrec.VectorCache(os.path.join(out, "v.safetensors"), "k"), n=4, window=5)
+    rows = data.sequential_rows(d)
     all_rows = rows["train"][::7] + rows["test"]
     got = ret.retrieve(all_rows)
     assert any(got.values())
@@ -68,35 +68,35 @@ def test_retrieval_cuts_every_user_at_the_query_time(dirs):
                 allowed.append(p)
                 keys[p] = (len(before), torch.stack([title_vec[i] for i in before[-5:]]).mean(0))
         ref = sorted(allowed, key=lambda p: -float(F.cosine_similarity(keys[p][1], q, dim=0)))[:4]
-        assert [u for u, _ in got[A.row_key(r)]] == [(p, keys[p][0]) for p in ref]
-        for (p, end), sim in got[A.row_key(r)]:
+        assert [u for u, _ in got[adaptrec.row_key(r)]] == [(p, keys[p][0]) for p in ref]
+        for (p, end), sim in got[adaptrec.row_key(r)]:
             assert abs(sim - float(F.cosine_similarity(keys[p][1], q, dim=0))) < 1e-5
     # mean pooling ignores padding: a batch gives what each text gives alone
-    texts = [A.seq_text(d, it[-10:]) for it in pool.items[:3]]
-    batch = A.embed_texts(m, tok, texts, batch_size=3)
+    texts = [adaptrec.seq_text(d, it[-10:]) for it in pool.items[:3]]
+    batch = adaptrec.embed_texts(m, tok, texts, batch_size=3)
     for k, t in enumerate(texts):
         with torch.no_grad():
             h = m(torch.tensor([tok.encode(t)]))[0]
         assert torch.allclose(batch[k], h.mean(0), atol=1e-5)
     # the cache returns the same vectors from disk for the same key, and nothing for another key
-    title = D.quote(d.titles[0])
-    again = A.VectorCache(os.path.join(out, "v.safetensors"), "k")
+    title = data.quote(d.titles[0])
+    again = adaptrec.VectorCache(os.path.join(out, "v.safetensors"), "k")
     assert torch.equal(again.vecs[title], ret.item_vecs[0])
-    assert A.VectorCache(os.path.join(out, "v.safetensors"), "other").vecs == {}
+    assert adaptrec.VectorCache(os.path.join(out, "v.safetensors"), "other").vecs == {}
 
 
 def test_a_changed_prompt_template_changes_the_cache_key(monkeypatch):
-    before = A.prompt_key()
-    monkeypatch.setattr(A, "JUDGE_QUESTION", "How alike, from 1 to 9? Answer:")
-    assert A.prompt_key() != before
+    before = adaptrec.prompt_key()
+    monkeypatch.setattr(adaptrec, "JUDGE_QUESTION", "How alike, from 1 to 9? Answer:")
+    assert adaptrec.prompt_key() != before
     monkeypatch.undo()
-    monkeypatch.setattr(A, "JUDGE_SYSTEM", A.JUDGE_SYSTEM.replace("tastes", "taste"))
-    assert A.prompt_key() != before
+    monkeypatch.setattr(adaptrec, "JUDGE_SYSTEM", adaptrec.JUDGE_SYSTEM.replace("tastes", "taste"))
+    assert adaptrec.prompt_key() != before
     monkeypatch.undo()
-    monkeypatch.setattr(A, "SYSTEM", A.SYSTEM.replace("next", "later"))
-    assert A.prompt_key() != before
+    monkeypatch.setattr(adaptrec, "SYSTEM", adaptrec.SYSTEM.replace("next", "later"))
+    assert adaptrec.prompt_key() != before
     monkeypatch.undo()
-    assert A.prompt_key() == before
+    assert adaptrec.prompt_key() == before
 
 
 def full_sequence_logprob(m, prompt, cont):
@@ -109,7 +109,7 @@ def full_sequence_logprob(m, prompt, cont):
 
 def test_shared_prefix_ranking_equals_separate_scoring(dirs):
     model_dir, _, _ = dirs
-    m, tok = M.load(model_dir)
+    m, tok = generate.load_model(model_dir, plain=True)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (17, 30, 9)]
     conts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (1, 4, 6, 3)]
@@ -126,9 +126,9 @@ def test_shared_prefix_ranking_equals_separate_scoring(dirs):
 
 def test_answer_only_loss_against_cross_entropy(dirs):
     model_dir, _, _ = dirs
-    m, _ = M.load(model_dir)
-    exs = [A.Example(None, [], list(range(10, 30)), 15), A.Example(None, [], list(range(40, 52)), 9)]
-    loss, n = A.loss_fn(m, exs)
+    m = llama.load(model_dir)
+    exs = [adaptrec.Example(None, [], list(range(10, 30)), 15), adaptrec.Example(None, [], list(range(40, 52)), 9)]
+    loss, n = adaptrec.loss_fn(m, exs)
     terms = []
     with torch.no_grad():
         for e in exs:
@@ -140,10 +140,10 @@ def test_answer_only_loss_against_cross_entropy(dirs):
 
 
 def test_selection_rules():
-    sel = A.Selector.__new__(A.Selector)
-    r = D.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
-    retrieved = {A.row_key(r): [((2, 5), 0.9), ((1, 4), 0.8), ((4, 7), 0.7)]}
-    sel.scores = {A.row_key(r): {"units": [[2, 5], [1, 4], [4, 7]], "rating": [3.0, 7.0, 3.0]}}
+    sel = adaptrec.Selector.__new__(adaptrec.Selector)
+    r = data.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
+    retrieved = {adaptrec.row_key(r): [((2, 5), 0.9), ((1, 4), 0.8), ((4, 7), 0.7)]}
+    sel.scores = {adaptrec.row_key(r): {"units": [[2, 5], [1, 4], [4, 7]], "rating": [3.0, 7.0, 3.0]}}
     assert sel.select(r, retrieved, 2, "embed") == [(2, 5), (1, 4)]
     assert sel.select(r, retrieved, 3, "llm") == [(1, 4), (2, 5), (4, 7)]       # ties keep stage-1 order
     assert sel.select(r, retrieved, 0, "llm") == []
@@ -156,37 +156,37 @@ def test_selection_rules():
 
 
 def test_demo_overlap_counts_shared_items_and_target():
-    pool = A.Pool(np.array([5, 6, 7]), [[1, 2, 9, 11], [2, 3, 4], [7, 8, 1]], [[1, 2, 3, 4], [1, 2, 3], [1, 2, 3]])
-    r1 = D.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
-    r2 = D.SeqRow(user=1, history=[4, 5], target=6, ts=10, split="test", candidates=[])
-    demos = {A.row_key(r1): [(0, 3), (1, 3)], A.row_key(r2): [(2, 3)]}
+    pool = adaptrec.Pool(np.array([5, 6, 7]), [[1, 2, 9, 11], [2, 3, 4], [7, 8, 1]], [[1, 2, 3, 4], [1, 2, 3], [1, 2, 3]])
+    r1 = data.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
+    r2 = data.SeqRow(user=1, history=[4, 5], target=6, ts=10, split="test", candidates=[])
+    demos = {adaptrec.row_key(r1): [(0, 3), (1, 3)], adaptrec.row_key(r2): [(2, 3)]}
     # r1: units (1, 2, 9) and (2, 3, 4) hold 3 of its history and its target; r2: (7, 8, 1) none
-    assert A.demo_overlap(pool, [r1, r2], demos) == {"demo_history_overlap": 1.5, "demo_has_target": 0.5}
-    assert A.demo_overlap(pool, [r1], {A.row_key(r1): [(0, 2)]}) == {"demo_history_overlap": 2.0, "demo_has_target": 0.0}
+    assert adaptrec.demo_overlap(pool, [r1, r2], demos) == {"demo_history_overlap": 1.5, "demo_has_target": 0.5}
+    assert adaptrec.demo_overlap(pool, [r1], {adaptrec.row_key(r1): [(0, 2)]}) == {"demo_history_overlap": 2.0, "demo_has_target": 0.0}
 
 
 def test_corrupt_caches_are_named(dirs, tmp_path):
-    _, tok = M.load(dirs[0])
+    _, tok = generate.load_model(dirs[0], plain=True)
     vec, judged = tmp_path / "vectors.safetensors", tmp_path / "judge.json"
     vec.write_bytes(b"not a torch file")
     judged.write_text("{ truncated")
     with pytest.raises(ValueError, match="vectors.safetensors: unreadable vector cache"):
-        A.VectorCache(str(vec), "key")
+        adaptrec.VectorCache(str(vec), "key")
     with pytest.raises(ValueError, match="judge.json: unreadable judge cache"):
-        A.Selector(None, None, None, tok, str(judged), "key")
+        adaptrec.Selector(None, None, None, tok, str(judged), "key")
 
 
 def test_parse_configs():
-    assert A.parse_configs("0,1:llm,5:embed,5:random") == [(0, "none"), (1, "llm"), (5, "embed"), (5, "random")]
+    assert adaptrec.parse_configs("0,1:llm,5:embed,5:random") == [(0, "none"), (1, "llm"), (5, "embed"), (5, "random")]
     for bad in ("5", "3:best", "x:llm", "0:llm"):
         with pytest.raises(ValueError):
-            A.parse_configs(bad)
+            adaptrec.parse_configs(bad)
 
 
 def test_train_eval_recommend_end_to_end(dirs, capsys):
     model_dir, ds, out = dirs
-    common = ["--model", model_dir, "--dataset", ds, "--out", out, "--n", "4", "--max-len", "1200"]
-    A.main(["train", *common, "--configs", "0,2:llm,2:random", "--train-rows", "8", "--val-rows", "4",
+    common = ["--model", model_dir, "--dataset", ds, "--out", out, "--n", "4", "--prompt-budget", "1200"]
+    adaptrec.main(["train", *common, "--configs", "0,2:llm,2:random", "--train-rows", "8", "--val-rows", "4",
             "--batch-size", "4", "--epochs", "1", "--lr", "1e-3"])
     for run in ("m0", "m2-llm", "m2-random"):
         assert os.path.exists(os.path.join(out, run, "best", "adapter_config.json"))
@@ -195,7 +195,7 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
                                  if f.startswith("judge"))))["rows"]
     assert len(judged) == 12 and all(1 <= x <= 9 for v in judged.values() for x in v["rating"])
     args = ["eval", *common, "--configs", "0,2:llm,2:embed,2:random", "--eval-rows", "5", "--sasrec-epochs", "1"]
-    A.main(args)                                       # 2:embed has no adapter: skipped, said so
+    adaptrec.main(args)                                       # 2:embed has no adapter: skipped, said so
     res = json.load(open(os.path.join(out, "results.json")))
     methods = [(r["method"], r["m"], r["select"]) for r in res["rows"]]
     controls = ["Pop (t)", "DemoVote (M=2, llm)", "DemoVote (M=2, embed)", "DemoVote (M=2, random)", "TitlePrior (base)",
@@ -210,15 +210,15 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
         assert d["vs"] == res["best_control"] and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
         assert "demo_has_target" in r
     assert res["selection"]["rows"] == 5
-    A.main(args)                                    # same rows, candidates and demonstrations: same numbers
+    adaptrec.main(args)                                    # same rows, candidates and demonstrations: same numbers
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
-    A.main(["train", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--train-rows", "4",
+    adaptrec.main(["train", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--train-rows", "4",
             "--batch-size", "4", "--epochs", "1"])
-    assert A.adapter_dir(os.path.join(out, "noval"), 2, "embed").endswith("final")
+    assert adaptrec.adapter_dir(os.path.join(out, "noval"), 2, "embed").endswith("final")
     capsys.readouterr()
-    A.main(["recommend", *common, "--user", "3", "--m", "2"])
+    adaptrec.main(["recommend", *common, "--user", "3", "--m", "2"])
     text = capsys.readouterr().out
     assert "stage 1" in text and "recommendation (generated)" in text and "<- held-out next item" in text
     with pytest.raises(SystemExit):
-        A.main(["recommend", *common, "--user", "no-such-user"])
+        adaptrec.main(["recommend", *common, "--user", "no-such-user"])

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-import data as D
+import data
 
 
 def write(path, text, enc="utf-8"):
@@ -20,8 +20,8 @@ def test_recbole_reader_titles_with_year(tmp_path):
     write(tmp_path / "x" / "x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
           "1\t10\t5\t100\n1\t11\t2\t90\n2\t10\t4\t95\n")
     write(tmp_path / "x" / "x.item", "item_id:token\tmovie_title:token_seq\trelease_year:token\n10\tHeat\t1995\n11\tAlien\t\n")
-    d = D.load(str(tmp_path / "x"), verbose=False)
-    assert D.detect_format(str(tmp_path / "x")) == "recbole"
+    d = data.load(str(tmp_path / "x"), verbose=False)
+    assert data.detect_format(str(tmp_path / "x")) == "recbole"
     assert d.titles == ["Heat (1995)", "Alien"]
     assert list(d.ts) == [90, 95, 100]                       # time order
     assert [d.user_ids[u] for u in d.users] == ["1", "2", "1"]
@@ -30,16 +30,16 @@ def test_recbole_reader_titles_with_year(tmp_path):
 def test_ml100k_raw_latin1(tmp_path):
     write(tmp_path / "u.data", "1\t1\t5\t10\n2\t2\t3\t5\n")
     write(tmp_path / "u.item", "1|Amélie (2001)|01-Jan-2001|x\n2|Toy Story (1995)|01-Jan-1995|x\n", enc="latin-1")
-    d = D.load(str(tmp_path), verbose=False)
-    assert D.detect_format(str(tmp_path)) == "ml-100k"
+    d = data.load(str(tmp_path), verbose=False)
+    assert data.detect_format(str(tmp_path)) == "ml-100k"
     assert "Amélie (2001)" in d.titles and len(d) == 2
 
 
 def test_ml1m(tmp_path):
     write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n")
     write(tmp_path / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::James and the Giant Peach (1996)::Animation\n", enc="latin-1")
-    d = D.load(str(tmp_path), verbose=False)
-    assert D.detect_format(str(tmp_path)) == "ml-1m" and len(d) == 2
+    d = data.load(str(tmp_path), verbose=False)
+    assert data.detect_format(str(tmp_path)) == "ml-1m" and len(d) == 2
     assert d.titles[d.items[0]] == "One Flew Over the Cuckoo's Nest (1975)"
 
 
@@ -55,8 +55,8 @@ def test_amazon_both_forms_gz(tmp_path, form):
         meta = [{"parent_asin": "b1", "title": "Book One"}, {"parent_asin": "b2", "title": "Book\tTwo"}]
     write(tmp_path / "Books.jsonl.gz", gzip.compress("\n".join(json.dumps(r) for r in reviews).encode()))
     write(tmp_path / "meta_Books.jsonl", "\n".join(json.dumps(m) for m in meta))
-    d = D.load(str(tmp_path), verbose=False)
-    assert D.detect_format(str(tmp_path)) == "amazon"
+    d = data.load(str(tmp_path), verbose=False)
+    assert data.detect_format(str(tmp_path)) == "amazon"
     assert list(d.ts) == [50, 100] and d.titles == ["Book One", "Book Two"]
     assert d.counts["titles_whitespace_normalised"] == 1
 
@@ -65,22 +65,22 @@ def test_lastfm_first_tag_is_the_interaction(tmp_path):
     write(tmp_path / "user_taggedartists-timestamps.dat", "userID\tartistID\ttagID\ttimestamp\n"
           "2\t52\t13\t1238536800000\n2\t52\t15\t1238536000000\n2\t63\t13\t1238536900000\n")
     write(tmp_path / "artists.dat", "id\tname\turl\tpictureURL\n52\tMorcheeba\tu\tp\n63\tEnigma\tu\tp\n")
-    d = D.load(str(tmp_path), verbose=False)
-    assert D.detect_format(str(tmp_path)) == "lastfm"
+    d = data.load(str(tmp_path), verbose=False)
+    assert data.detect_format(str(tmp_path)) == "lastfm"
     assert len(d) == 2 and list(d.ts) == [1238536000, 1238536900]
 
 
 def test_goodbooks_row_order_is_time(tmp_path):
     write(tmp_path / "ratings.csv", "user_id,book_id,rating\n1,2,5\n1,1,3\n")
     write(tmp_path / "books.csv", "book_id,title\n1,\"Dune, Part One\"\n2,Emma\n")
-    d = D.load(str(tmp_path), verbose=False)
+    d = data.load(str(tmp_path), verbose=False)
     assert [d.titles[i] for i in d.items] == ["Emma", "Dune, Part One"]
 
 
 def test_cleaning_counts(tmp_path):
     write(tmp_path / "u.data", "1\t1\t5\t10\n1\t1\t3\t20\n1\t2\t4\t30\n1\t3\t4\t40\n")
     write(tmp_path / "u.item", b"1|Caf\xff|x\n2|" + b"A" * 300 + b"|x\n3||x\n")
-    d = D.load(str(tmp_path), verbose=False, max_title_chars=50)
+    d = data.load(str(tmp_path), verbose=False, max_title_chars=50)
     assert d.counts["dropped_duplicate_pair"] == 1          # the later (1, 1) is dropped
     assert d.counts["dropped_item_without_title"] == 1
     assert d.counts["titles_capped"] == 1 and d.counts.get("lines_with_bad_bytes", 0) == 0  # latin-1 decodes any byte
@@ -91,25 +91,25 @@ def test_bad_input_errors_name_file_and_line(tmp_path):
     write(tmp_path / "a" / "u.data", "1\t1\t5\t10\n1\t2\tfive\t11\n")
     write(tmp_path / "a" / "u.item", "1|A|x\n2|B|x\n")
     with pytest.raises(ValueError, match=r"u.data:2: rating 'five' is not a number"):
-        D.load(str(tmp_path / "a"), verbose=False)
+        data.load(str(tmp_path / "a"), verbose=False)
     write(tmp_path / "b" / "u.data", "1\t1\t5\n")
     write(tmp_path / "b" / "u.item", "1|A|x\n")
     with pytest.raises(ValueError, match=r"u.data:1: expected 4 fields"):
-        D.load(str(tmp_path / "b"), verbose=False)
+        data.load(str(tmp_path / "b"), verbose=False)
     write(tmp_path / "c" / "u.data", "1\t1\t5\tnoon\n")
     write(tmp_path / "c" / "u.item", "1|A|x\n")
     with pytest.raises(ValueError, match=r"timestamp 'noon'"):
-        D.load(str(tmp_path / "c"), verbose=False)
+        data.load(str(tmp_path / "c"), verbose=False)
     write(tmp_path / "d" / "u.data", "1\t1\t5\t1\n")
     with pytest.raises(FileNotFoundError, match="u.item"):
-        D.load(str(tmp_path / "d"), verbose=False)
+        data.load(str(tmp_path / "d"), verbose=False)
     write(tmp_path / "e" / "u.data", "1\t1\t5\t1\n1\t2\t5\t2\n")
     write(tmp_path / "e" / "u.item", "1|A|x\n2|B|x\n")
     with pytest.raises(ValueError, match="no interactions left"):
-        D.load(str(tmp_path / "e"), kcore=3, verbose=False)
+        data.load(str(tmp_path / "e"), kcore=3, verbose=False)
     write(tmp_path / "f" / "x.inter", b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n")
     write(tmp_path / "f" / "x.item", b"item_id:token\tmovie_title:token_seq\n1\tCaf\xe9 \"Noir\"\n")
-    d = D.load(str(tmp_path / "f"), verbose=False)
+    d = data.load(str(tmp_path / "f"), verbose=False)
     assert d.titles == ['Caf\ufffd "Noir"'] and d.counts["lines_with_bad_bytes"] == 1
 
 
@@ -119,34 +119,34 @@ def synthetic(n_users=30, n_items=60, per_user=25, seed=0):
     items = np.concatenate([rng.choice(n_items, per_user, replace=False) for _ in range(n_users)])
     ts = rng.integers(0, 200, len(users))                    # many equal timestamps on purpose
     order = np.argsort(ts, kind="stable")
-    return D.Data(users[order], items[order], rng.integers(1, 6, len(users)).astype(np.float32)[order], ts[order],
+    return data.Data(users[order], items[order], rng.integers(1, 6, len(users)).astype(np.float32)[order], ts[order],
                   [str(u) for u in range(n_users)], [str(i) for i in range(n_items)], [f"T{i}" for i in range(n_items)])
 
 
 def test_periods_partition_in_time_order():
-    per = D.periods(1003, 10)
+    per = data.periods(1003, 10)
     assert per.min() == 0 and per.max() == 9 and np.all(np.diff(per) >= 0)
     assert sorted(np.bincount(per)) == [100] * 7 + [101] * 3
 
 
 def test_recicl_samples_never_look_ahead():
     d = synthetic()
-    samples = D.recicl_samples(d, n_periods=5, k_demos=4)
+    samples = data.recicl_samples(d, n_periods=5, k_demos=4)
     ts_of_item = {(int(d.users[j]), int(d.items[j])): int(d.ts[j]) for j in range(len(d))}
     for s in samples:
         assert all(ts_of_item[(s.user, h)] < s.ts for h in s.history) and len(s.history) <= 10
-        assert all(samples[k].ts < s.ts and samples[k].user == s.user for k in s.demos) and len(s.demos) <= 4
+        assert all(samples[k].ts < s.ts and samples[k].user == s.user for k in s.demo_idx) and len(s.demo_idx) <= 4
         liked_before = [j for j in range(len(d)) if d.users[j] == s.user and d.ts[j] < s.ts and d.ratings[j] >= 4]
         assert s.history == [int(d.items[j]) for j in liked_before][-10:]
-    assert any(len(s.demos) == 4 for s in samples) and any(len(s.demos) < 4 for s in samples)
+    assert any(len(s.demo_idx) == 4 for s in samples) and any(len(s.demo_idx) < 4 for s in samples)
 
 
 def test_sequential_rows_leave_one_out_and_fixed_candidates():
     d = synthetic()
-    rows = D.sequential_rows(d, seed=3)
-    again = D.sequential_rows(d, seed=3)
+    rows = data.sequential_rows(d, seed=3)
+    again = data.sequential_rows(d, seed=3)
     assert [r.candidates for r in rows["test"]] == [r.candidates for r in again["test"]]
-    assert [r.candidates for r in rows["test"]] != [r.candidates for r in D.sequential_rows(d, seed=4)["test"]]
+    assert [r.candidates for r in rows["test"]] != [r.candidates for r in data.sequential_rows(d, seed=4)["test"]]
     assert len(rows["test"]) == len(rows["valid"]) == 30
     for split in rows.values():
         for r in split:
@@ -161,22 +161,22 @@ def test_sequential_rows_leave_one_out_and_fixed_candidates():
 def test_fit_budget_drops_oldest_demos_then_history_never_query():
     render = lambda demos, hist: " | ".join(demos) + " || " + " ".join(hist) + " ?QUERY"  # noqa: E731
     n_tok = lambda text: len(text.split())                                               # noqa: E731
-    text, demos, hist = D.fit_budget(render, ["d1 d1", "d2 d2", "d3 d3"], ["h1", "h2", "h3"], n_tok, 9)
+    text, demos, hist = data.fit_budget(render, ["d1 d1", "d2 d2", "d3 d3"], ["h1", "h2", "h3"], n_tok, 9)
     assert demos == ["d3 d3"] and hist == ["h1", "h2", "h3"] and text.endswith("?QUERY")
-    text, demos, hist = D.fit_budget(render, ["d1 d1"], ["h1", "h2", "h3"], n_tok, 4)
+    text, demos, hist = data.fit_budget(render, ["d1 d1"], ["h1", "h2", "h3"], n_tok, 4)
     assert demos == [] and hist == ["h2", "h3"] and text.endswith("?QUERY")
     with pytest.raises(ValueError, match="query alone"):
-        D.fit_budget(render, [], ["h1"], n_tok, 1)
+        data.fit_budget(render, [], ["h1"], n_tok, 1)
     # history_first: the history goes before any demonstration, then the oldest demonstrations
-    text, demos, hist = D.fit_budget(render, ["d1 d1", "d2 d2"], ["h1", "h2", "h3"], n_tok, 8, history_first=True)
+    text, demos, hist = data.fit_budget(render, ["d1 d1", "d2 d2"], ["h1", "h2", "h3"], n_tok, 8, history_first=True)
     assert demos == ["d1 d1", "d2 d2"] and hist == ["h3"] and text.endswith("?QUERY")
-    text, demos, hist = D.fit_budget(render, ["d1 d1", "d2 d2"], ["h1", "h2", "h3"], n_tok, 5, history_first=True)
+    text, demos, hist = data.fit_budget(render, ["d1 d1", "d2 d2"], ["h1", "h2", "h3"], n_tok, 5, history_first=True)
     assert demos == ["d2 d2"] and hist == [] and text.endswith("?QUERY")
 
 
 def test_default_dataset_is_movielens_100k():
-    d = D.load(verbose=False)
+    d = data.load(verbose=False)
     assert (len(d), len(d.user_ids), len(d.item_ids)) == (100_000, 943, 1682)
     assert "Toy Story (1995)" in d.titles
-    st = D.stats(d)
+    st = data.stats(d)
     assert st["periods"] == [10_000] * 10 and 0.5 < st["like_rate"] < 0.6

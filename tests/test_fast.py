@@ -15,13 +15,14 @@ import torch
 import fast
 import generate
 import lora
-import model as M
+import model as llama
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def both_paths(path):
-    return M.load(path)[0], fast.load(path)[0]
+    return llama.load(path), fast.load(path)
 
 
 def close(a, b, rel=1e-5):
@@ -33,7 +34,7 @@ def test_fast_path_is_in_use(tiny):
     the plain one does not."""
     plain, quick = both_paths(tiny[0])
     assert type(quick.model.layers[0].self_attn) is fast.FusedAttention and quick.head_linear is fast.vocab_linear
-    assert type(plain.model.layers[0].self_attn) is M.Attention and plain.head_linear is torch.nn.functional.linear
+    assert type(plain.model.layers[0].self_attn) is llama.Attention and plain.head_linear is torch.nn.functional.linear
     w = quick.model.layers[0].mlp.down_proj.weight
     assert w.stride() == (1, w.shape[0])                        # column-major
     attn = quick.model.layers[0].self_attn
@@ -101,14 +102,14 @@ def test_prefill_batch_caches_and_greedy_tokens_equal(tiny):
 
 
 def test_fast_load_is_plain_off_the_fp32_cpu_path(tiny):
-    m = fast.load(tiny[0], dtype=torch.bfloat16)[0]
-    assert type(m.model.layers[0].self_attn) is M.Attention and m.head_linear is torch.nn.functional.linear
+    m = fast.load(tiny[0], dtype=torch.bfloat16)
+    assert type(m.model.layers[0].self_attn) is llama.Attention and m.head_linear is torch.nn.functional.linear
 
 
 def test_real_model_paths_agree(default_dir):
     """The default model: next-token logits of a 60-token prompt and 16 greedy tokens."""
     plain, quick = both_paths(default_dir)
-    tok = M.load_tokenizer(default_dir, plain.args)
+    tok = load_tokenizer(default_dir, plain.args)
     ids = tok.encode("A user liked \"Toy Story (1995)\" and \"Heat (1995)\". " * 4 + "Next they watched")
     with torch.no_grad():
         a, b = plain.head(plain(torch.tensor([ids]))[0, -1]), quick.head(quick(torch.tensor([ids]))[0, -1])
@@ -140,7 +141,7 @@ def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep
             valid[b, :5 * b] = False
         elif pads == "right":
             valid[b, T - 7 * b:] = False
-    mask = M.attention_mask(valid, None)
+    mask = llama.attention_mask(valid, None)
     assert (mask is None) == (pads is None)
     ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     y_ours = fast.CausalAttention.apply(*ours, mask)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import convert_gguf as C
-import model as M
+import convert_gguf
+import generate
 from conftest import TINY, make_tiny_dir
 
 gguf = pytest.importorskip("gguf")
@@ -28,7 +28,7 @@ def random_blocks(qtype, n_blocks, rng):
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
 def test_quantized_dequantize_matches_gguf_package(qtype):
     raw = random_blocks(qtype, 64, np.random.default_rng(int(qtype)))
-    ours = C.dequantize(raw, qtype.name)
+    ours = convert_gguf.dequantize(raw, qtype.name)
     ref = gguf.quants.dequantize(raw, qtype).reshape(-1)
     assert ours.dtype == np.float32 and ours.shape == ref.shape == (64 * 32,)
     np.testing.assert_array_equal(ours, ref.astype(np.float32))
@@ -38,14 +38,14 @@ def test_quantized_dequantize_matches_gguf_package(qtype):
 def test_float_dequantize_matches_gguf_package(qtype, np_dtype):
     x = np.random.default_rng(0).normal(size=257).astype(np_dtype)
     raw = x.view(np.uint8)
-    np.testing.assert_array_equal(C.dequantize(raw, qtype.name), gguf.quants.dequantize(raw, qtype).reshape(-1))
+    np.testing.assert_array_equal(convert_gguf.dequantize(raw, qtype.name), gguf.quants.dequantize(raw, qtype).reshape(-1))
 
 
 def test_bf16_dequantize_matches_gguf_package():
     x = np.random.default_rng(1).normal(size=100).astype(np.float32)
     raw = gguf.quants.quantize(x, Q.BF16).view(np.uint8).reshape(-1)
-    np.testing.assert_array_equal(C.dequantize(raw, "BF16"), gguf.quants.dequantize(raw, Q.BF16).reshape(-1))
-    assert np.abs(C.dequantize(raw, "BF16") - x).max() < 0.01
+    np.testing.assert_array_equal(convert_gguf.dequantize(raw, "BF16"), gguf.quants.dequantize(raw, Q.BF16).reshape(-1))
+    assert np.abs(convert_gguf.dequantize(raw, "BF16") - x).max() < 0.01
 
 
 # ----------------------------------------------------------------------------- a tiny GGUF
@@ -127,8 +127,8 @@ def tiny_gguf(request, tmp_path):
 def test_tiny_gguf_converts_like_transformers_loads_it(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
     path, hf = tiny_gguf
-    out = C.convert(str(path), str(tmp_path / "conv"))
-    m, tok = M.load(out)
+    out = convert_gguf.convert(str(path), str(tmp_path / "conv"))
+    m, tok = generate.load_model(out, plain=True)
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     idx = torch.randint(0, TINY["vocab_size"], (2, 23))
     with torch.no_grad():
@@ -156,7 +156,7 @@ def tiny_bytes(tmp_path):
 def _parse(tmp_path, data: bytes):
     p = tmp_path / "bad.gguf"
     p.write_bytes(data)
-    g = C.GGUFFile(str(p))
+    g = convert_gguf.GGUFFile(str(p))
     for name in g.tensors:
         g.tensor(name)
     return g
@@ -165,7 +165,7 @@ def _parse(tmp_path, data: bytes):
 def test_every_truncation_is_a_clear_error(tiny_bytes, tmp_path):
     cuts = list(range(0, 200)) + list(range(200, len(tiny_bytes) - 1, max(1, len(tiny_bytes) // 300))) + [len(tiny_bytes) - 1]
     for n in cuts:
-        with pytest.raises(C.GGUFError):
+        with pytest.raises(convert_gguf.GGUFError):
             _parse(tmp_path, tiny_bytes[:n])
     assert _parse(tmp_path, tiny_bytes).tensors  # the whole file parses
 
@@ -181,7 +181,7 @@ def test_every_truncation_is_a_clear_error(tiny_bytes, tmp_path):
 def test_hostile_header_fields(tiny_bytes, tmp_path, offset, fmt, value, match):
     data = bytearray(tiny_bytes)
     struct.pack_into(fmt, data, offset, value)
-    with pytest.raises(C.GGUFError, match=match):
+    with pytest.raises(convert_gguf.GGUFError, match=match):
         _parse(tmp_path, bytes(data))
 
 
@@ -201,7 +201,7 @@ def test_hostile_tensor_infos(tiny_bytes, tmp_path):
     for pos, fmt, value, match in cases:
         data = bytearray(tiny_bytes)
         struct.pack_into(fmt, data, pos, value)
-        with pytest.raises(C.GGUFError, match=match):
+        with pytest.raises(convert_gguf.GGUFError, match=match):
             _parse(tmp_path, bytes(data))
 
 
@@ -209,15 +209,15 @@ def test_unsupported_architecture_and_tokenizer(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "qwen2")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(C.GGUFError, match="architecture 'qwen2'"):
-        C.convert(str(tmp_path / "x.gguf"), str(tmp_path / "out"))
+    with pytest.raises(convert_gguf.GGUFError, match="architecture 'qwen2'"):
+        convert_gguf.convert(str(tmp_path / "x.gguf"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")            # nothing half-written
 
 
 def test_unpermute_inverts_llamacpp_permute():
     w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(8 * 6, 3)
     for heads in (1, 3, 6):
-        np.testing.assert_array_equal(C.unpermute(llamacpp_permute(w, heads), heads), w)
+        np.testing.assert_array_equal(convert_gguf.unpermute(llamacpp_permute(w, heads), heads), w)
 
 
 def test_convert_never_deletes_what_it_did_not_write(tiny_bytes, tmp_path, monkeypatch, capsys):
@@ -228,25 +228,25 @@ def test_convert_never_deletes_what_it_did_not_write(tiny_bytes, tmp_path, monke
     (victim / "notes.txt").write_text("mine")
     (victim / "sub" / "x").write_text("mine too")
     with pytest.raises(FileExistsError, match="did not write"):
-        C.convert(str(gguf_path), str(victim))
+        convert_gguf.convert(str(gguf_path), str(victim))
     assert (victim / "notes.txt").read_text() == "mine" and (victim / "sub" / "x").exists()
     project = tmp_path / "project"                               # `convert_gguf.py t.gguf .` in a repository
     (project / ".git").mkdir(parents=True)
     (project / "main.py").write_text("print()")
     monkeypatch.chdir(project)
     with pytest.raises(SystemExit, match="error: .*did not write"):
-        C.main([str(gguf_path), "."])
+        convert_gguf.main([str(gguf_path), "."])
     assert (project / ".git").is_dir() and (project / "main.py").exists()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".convert-")] == []
     empty = tmp_path / "empty"
     empty.mkdir()
-    C.convert(str(gguf_path), str(empty))                         # an empty directory is filled
+    convert_gguf.convert(str(gguf_path), str(empty))                         # an empty directory is filled
     first = (empty / "model.safetensors").stat().st_mtime_ns
-    C.convert(str(gguf_path), str(empty))                         # an earlier output is replaced
-    assert sorted(os.listdir(empty)) == sorted(C.OUTPUT_FILES) and (empty / "model.safetensors").stat().st_mtime_ns >= first
+    convert_gguf.convert(str(gguf_path), str(empty))                         # an earlier output is replaced
+    assert sorted(os.listdir(empty)) == sorted(convert_gguf.OUTPUT_FILES) and (empty / "model.safetensors").stat().st_mtime_ns >= first
     (empty / "extra.txt").write_text("a user's file in the output")
     with pytest.raises(FileExistsError):
-        C.convert(str(gguf_path), str(empty))
+        convert_gguf.convert(str(gguf_path), str(empty))
     assert (empty / "extra.txt").exists()
 
 
@@ -261,14 +261,14 @@ def test_hostile_metadata_and_overlapping_tensors(tiny_bytes, tmp_path):
                           ({"llama.block_count": 1.5}, "block_count must be a positive integer"),
                           ({"tokenizer.ggml.bos_token_id": 10 ** 6}, "bos_token_id = 1000000 is not a token")]:
         g.metadata = {**good, **change}
-        with pytest.raises(C.GGUFError, match=match):
-            C.hf_config(g)
-    with pytest.raises(C.GGUFError, match="blk.x.attn_norm.weight has no place"):
-        C.hf_name("blk.x.attn_norm.weight")
+        with pytest.raises(convert_gguf.GGUFError, match=match):
+            convert_gguf.hf_config(g)
+    with pytest.raises(convert_gguf.GGUFError, match="blk.x.attn_norm.weight has no place"):
+        convert_gguf.hf_name("blk.x.attn_norm.weight")
     names = sorted(g.tensors, key=lambda n: g.tensors[n]["start"])
     data = bytearray(tiny_bytes)
     p = data.index(names[1].encode()) + len(names[1])            # second tensor's info: n_dims, dims, type, offset
     n_dims = struct.unpack_from("<I", data, p)[0]
     struct.pack_into("<Q", data, p + 4 + 8 * n_dims + 4, 0)       # the first tensor's offset
-    with pytest.raises(C.GGUFError, match="overlap in the file"):
+    with pytest.raises(convert_gguf.GGUFError, match="overlap in the file"):
         _parse(tmp_path, bytes(data))

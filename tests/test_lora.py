@@ -7,7 +7,7 @@ import torch
 
 import lora
 import generate
-import model as M
+import model as llama
 
 
 def logits(m, idx):
@@ -27,7 +27,7 @@ IDX = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
 
 def test_zero_B_and_disabled_give_base_outputs(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     base = logits(m, IDX)
     lora.inject(m, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8, dropout=0.0)
     fresh = logits(m, IDX)
@@ -45,7 +45,7 @@ def test_zero_B_and_disabled_give_base_outputs(tiny_untied):
 
 def test_lora_formula_by_hand(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, ("o_proj",), r=3, alpha=6, dropout=0.0)
     randomize_B(m)
     mod = m.model.layers[0].self_attn.o_proj
@@ -58,7 +58,7 @@ def test_lora_formula_by_hand(tiny_untied):
 
 def test_inject_twice_and_bad_targets_are_errors(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     with pytest.raises(ValueError, match="among"):
         lora.inject(m, ("qkv",))
     lora.inject(m)
@@ -72,7 +72,7 @@ def test_merge_equals_unmerged_and_is_idempotent(tiny_untied, dtype, tol):
     path rounds W x and (B A x) separately. bf16's spacing at |x| = 4 is 0.03; stated tolerance
     0.1 absolute on logits of magnitude up to ~4 (measured 0.06)."""
     path, _ = tiny_untied
-    m, _ = M.load(path, dtype=dtype)
+    m = llama.load(path, dtype=dtype)
     lora.inject(m, lora.PROJECTIONS, r=4, alpha=8, dropout=0.0)
     randomize_B(m)
     unmerged = logits(m, IDX)
@@ -91,7 +91,7 @@ def test_merge_equals_unmerged_and_is_idempotent(tiny_untied, dtype, tol):
 
 def test_train_eval_never_change_weights(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, dropout=0.1)
     randomize_B(m)
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -101,7 +101,7 @@ def test_train_eval_never_change_weights(tiny_untied):
 
 def test_optimizer_step_changes_only_A_and_B(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-2, weight_decay=0.1)
@@ -119,24 +119,24 @@ def test_optimizer_step_changes_only_A_and_B(tiny_untied):
 
 def test_save_load_round_trip(tiny_untied, tmp_path):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, ("k_proj", "gate_proj"), r=2, alpha=4, dropout=0.0)
     randomize_B(m, seed=3)
     out = logits(m, IDX)
     lora.save_adapter(m, str(tmp_path / "ad"), base_model="tiny")
     cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
     assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and cfg["target_modules"] == ["gate_proj", "k_proj"]
-    m2, _ = M.load(path)
+    m2 = llama.load(path)
     lora.load_adapter(m2, str(tmp_path / "ad"))
     assert torch.equal(logits(m2, IDX), out)
 
 
 def test_bad_adapters_are_refused(tiny_untied, tmp_path):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, ("q_proj",), r=4, alpha=8)
     lora.save_adapter(m, str(tmp_path / "ad"))
-    m2, _ = M.load(path)
+    m2 = llama.load(path)
     lora.inject(m2, ("q_proj",), r=2, alpha=8)       # wrong rank already in the model
     with pytest.raises(ValueError, match="shape"):
         lora.load_adapter(m2, str(tmp_path / "ad"))
@@ -147,10 +147,10 @@ def test_bad_adapters_are_refused(tiny_untied, tmp_path):
         bad = dict(cfg, **{field: value})
         json.dump(bad, open(cfg_path, "w"))
         with pytest.raises(ValueError, match=match):
-            lora.load_adapter(M.load(path)[0], str(tmp_path / "ad"))
+            lora.load_adapter(llama.load(path), str(tmp_path / "ad"))
     json.dump(dict(cfg, target_modules=["v_proj"]), open(cfg_path, "w"))   # tensors name q_proj
     with pytest.raises(ValueError, match="does not fit"):
-        lora.load_adapter(M.load(path)[0], str(tmp_path / "ad"))
+        lora.load_adapter(llama.load(path), str(tmp_path / "ad"))
 
 
 # ----------------------------------------------------------------------------- peft interop
@@ -167,7 +167,7 @@ def test_peft_adapter_loads_here(tiny, tmp_path):
     pm.save_pretrained(str(tmp_path / "peft_ad"))
     with torch.no_grad():
         ref = pm(IDX).logits
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.load_adapter(m, str(tmp_path / "peft_ad"))
     assert (logits(m, IDX) - ref).abs().max().item() < 1e-4
     with torch.no_grad(), pm.disable_adapter():
@@ -178,7 +178,7 @@ def test_peft_adapter_loads_here(tiny, tmp_path):
 def test_our_adapter_loads_into_peft(tiny_untied, tmp_path):
     peft = pytest.importorskip("peft")
     path, hf = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     base_out = logits(m, IDX)
     lora.inject(m, ("q_proj", "v_proj", "o_proj", "down_proj"), r=4, alpha=16, dropout=0.0)
     randomize_B(m, seed=5)
@@ -196,7 +196,7 @@ def test_training_gradients_match_peft_on_a_padded_batch(tiny_untied, tmp_path):
     only, right padding) gives peft + transformers' loss and LoRA gradients."""
     peft = pytest.importorskip("peft")
     path, hf = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
     randomize_B(m, seed=3, std=0.2)
     lora.save_adapter(m, str(tmp_path / "ad"), base_model=path)
@@ -230,11 +230,11 @@ def test_injected_adapter_follows_the_model_mode(tiny_untied, tmp_path):
     """An adapter with dropout > 0 loaded into an eval-mode model scores deterministically; the
     same adapter in training mode does apply dropout (so the check can fail)."""
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     lora.inject(m, r=4, dropout=0.5)
     randomize_B(m)
     lora.save_adapter(m, str(tmp_path / "ad"))
-    served, _ = M.load(path)
+    served = llama.load(path)
     served.eval()
     lora.load_adapter(served, str(tmp_path / "ad"))
     assert not any(mod.training for mod in lora.lora_modules(served).values())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import generate
-import model as M
+import model as llama
 from conftest import make_tiny_dir
 
 
@@ -20,7 +20,7 @@ def full_logits(m, ids):
 
 def test_matches_transformers(tiny):
     path, hf = tiny
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(1)
     idx = torch.randint(0, 300, (3, 37))
     with torch.no_grad():
@@ -33,7 +33,7 @@ def test_matches_transformers(tiny):
 
 def test_loss_matches_transformers_on_supervised_positions(tiny_untied):
     path, hf = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(2)
     idx = torch.randint(0, 300, (2, 20))
     supervised = torch.zeros(2, 20, dtype=torch.bool)
@@ -54,7 +54,7 @@ def test_rows_at_equal_the_full_forward(tiny):
     """forward(at=...) runs the last layer on a few rows only; those rows must equal the full
     forward's, left padding included."""
     path, _ = tiny
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(9)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (23, 9, 16)]
     idx, valid = generate.pad(prompts, left=True)
@@ -67,7 +67,7 @@ def test_rows_at_equal_the_full_forward(tiny):
     # a pad query sees only itself in both paths, so even that row is the same
     assert torch.allclose(rows, full.take_along_dim(at[:, :, None], dim=1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="without cache"):
-        m(idx, valid, cache=M.KVCache(m.args, 3, 30), at=at)
+        m(idx, valid, cache=llama.KVCache(m.args, 3, 30), at=at)
     for bad in (at + 1, at[:2], at[0]):                          # slot 23 of 23, wrong batch, not 2-D
         with pytest.raises(ValueError, match="`at` must be"):
             m(idx, valid, at=bad)
@@ -75,10 +75,10 @@ def test_rows_at_equal_the_full_forward(tiny):
 
 def test_cached_decoding_equals_recomputation_every_step(tiny):
     path, _ = tiny
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(3)
     ids = torch.randint(0, 300, (12,)).tolist()
-    cache = M.KVCache(m.args, 1, 40)
+    cache = llama.KVCache(m.args, 1, 40)
     with torch.no_grad():
         h = m(torch.tensor([ids]), cache=cache)
         step_logits = m.head(h[0, -1])
@@ -93,12 +93,12 @@ def test_cached_decoding_equals_recomputation_every_step(tiny):
 
 def test_chunked_prefill_equals_one_shot(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(4)
     ids = torch.randint(0, 300, (1, 30))
     with torch.no_grad():
-        one = m.head(m(ids, cache=M.KVCache(m.args, 1, 30)))
-        cache = M.KVCache(m.args, 1, 30)
+        one = m.head(m(ids, cache=llama.KVCache(m.args, 1, 30)))
+        cache = llama.KVCache(m.args, 1, 30)
         parts = [m.head(m(ids[:, a:b], cache=cache)) for a, b in [(0, 7), (7, 8), (8, 21), (21, 30)]]
     assert torch.allclose(torch.cat(parts, dim=1), one, atol=1e-5, rtol=0)
     assert cache.length == 30 and int(cache.next_pos) == 30
@@ -106,12 +106,12 @@ def test_chunked_prefill_equals_one_shot(tiny_untied):
 
 def test_left_padded_batch_equals_each_alone(tiny):
     path, _ = tiny
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(5)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 11, 7, 1)]
     idx, valid = generate.pad(prompts, left=True)
     with torch.no_grad():
-        cache = M.KVCache(m.args, len(prompts), idx.shape[1] + 6)
+        cache = llama.KVCache(m.args, len(prompts), idx.shape[1] + 6)
         h = m(idx, valid, cache=cache)
         logits = m.head(h[:, -1])
         assert not torch.isnan(m.head(h)).any()  # padded rows give numbers too, never NaN
@@ -129,15 +129,15 @@ def test_prefill_batch_equals_one_padded_forward(tiny):
     """prefill_batch prefills each prompt alone and copies it into its row; the cache and logits
     must be what one left-padded forward of the batch writes (the path checked above)."""
     path, _ = tiny
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(8)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (4, 13, 9, 1)]
     cache, logits = generate.prefill_batch(m, prompts, extra=5)
     idx, valid = generate.pad(prompts, left=True)
-    ref = M.KVCache(m.args, len(prompts), idx.shape[1] + 5)
+    ref = llama.KVCache(m.args, len(prompts), idx.shape[1] + 5)
     with torch.no_grad():
         ref_logits = m.head(m(idx, valid, cache=ref)[:, -1])
-    assert cache.length == ref.length and cache.max_len == ref.max_len
+    assert cache.length == ref.length and cache.slots == ref.slots
     assert torch.equal(cache.valid, ref.valid) and torch.equal(cache.next_pos, ref.next_pos)
     slots = ref.valid[:, None, :, None].expand_as(ref.k[0])                     # pad slots hold junk in ref
     for i in range(m.args.n_layers):
@@ -150,7 +150,7 @@ def test_prefill_batch_equals_one_padded_forward(tiny):
 
 def test_generate_batch_equals_single_and_transformers(tiny_untied):
     path, hf = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(6)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (5, 9)]
     batch = generate.generate(m, prompts, max_new_tokens=10, eos_ids=[])
@@ -164,7 +164,7 @@ def test_generate_batch_equals_single_and_transformers(tiny_untied):
 
 def test_generate_eos_stop_and_seeded_sampling(tiny_untied):
     path, _ = tiny_untied
-    m, tok = M.load(path)
+    m, tok = generate.load_model(path, plain=True)
     p = [5, 6, 7, 8]
     greedy = generate.generate(m, [p], max_new_tokens=8, eos_ids=[])[0]
     # stopping at an id: the output ends right before its first occurrence
@@ -193,7 +193,7 @@ def test_top_p_keeps_only_the_nucleus():
 
 def test_shared_prefix_with_20_continuations_equals_full_sequences(tiny):
     path, _ = tiny
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(8)
     prefix = torch.randint(0, 300, (25,)).tolist()
     conts = [torch.randint(0, 300, (int(n),)).tolist() for n in torch.randint(1, 9, (20,))]
@@ -213,7 +213,7 @@ def test_shared_prefix_with_20_continuations_equals_full_sequences(tiny):
 
 def test_next_token_logits_without_prefix_right_pads(tiny_untied):
     path, _ = tiny_untied
-    m, _ = M.load(path)
+    m = llama.load(path)
     prompts = [[3, 4, 5], [6], [7, 8, 9, 10, 11]]
     got = generate.next_token_logits(m, prompts)
     for p, row in zip(prompts, got):
@@ -222,7 +222,7 @@ def test_next_token_logits_without_prefix_right_pads(tiny_untied):
 
 def test_bfloat16_loads_and_stays_close(tiny_untied):
     path, hf = tiny_untied
-    m, _ = M.load(path, dtype=torch.bfloat16)
+    m = llama.load(path, dtype=torch.bfloat16)
     assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     idx = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_bfloat16_loads_and_stays_close(tiny_untied):
 
 def test_tokenizer_adds_exactly_one_bos(tiny_untied):
     path, _ = tiny_untied
-    m, tok = M.load(path)
+    m, tok = generate.load_model(path, plain=True)
     assert m.args.bos_id not in tok.encode("ab")              # no tokenizer_config.json: no BOS
     tok.add_bos = True
     assert tok.encode("ab")[0] == m.args.bos_id and tok.encode("ab").count(m.args.bos_id) == 1
@@ -256,21 +256,21 @@ def test_missing_tensor_is_named(tiny_untied):
     path, _ = tiny_untied
     _rewrite(path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match="missing tensors: model.layers.1.mlp.up_proj.weight"):
-        M.load(path)
+        llama.load(path)
 
 
 def test_wrong_shape_is_named(tiny_untied):
     path, _ = tiny_untied
     _rewrite(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(64, 64)))
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight has shape \(64, 64\), expected \(32, 64\)"):
-        M.load(path)
+        llama.load(path)
 
 
 def test_extra_tensor_is_named(tiny_untied):
     path, _ = tiny_untied
     _rewrite(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
     with pytest.raises(ValueError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"):
-        M.load(path)
+        llama.load(path)
 
 
 @pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
@@ -283,7 +283,7 @@ def test_unsupported_config_field_is_named(tiny_untied, field, value):
     cfg[field] = value
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(ValueError, match=field):
-        M.load(path)
+        llama.load(path)
 
 
 @pytest.mark.parametrize("keep", [4, 100, 0.5, -10])
@@ -294,7 +294,7 @@ def test_truncated_safetensors(tiny_untied, keep):
     n = int(len(data) * keep) if isinstance(keep, float) else (keep if keep > 0 else len(data) + keep)
     open(f, "wb").write(data[:n])
     with pytest.raises(ValueError, match="truncated"):
-        M.load(path)
+        llama.load(path)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -302,7 +302,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     hf.save_pretrained(str(tmp_path / "b"), max_shard_size="40KB")
     assert os.path.exists(tmp_path / "b" / "model.safetensors.index.json")
     os.replace(tmp_path / "a" / "tokenizer.json", tmp_path / "b" / "tokenizer.json")
-    m, _ = M.load(str(tmp_path / "b"))
+    m = llama.load(str(tmp_path / "b"))
     idx = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         assert (m.head(m(idx)) - hf(idx).logits).abs().max().item() <= 1e-4
@@ -310,14 +310,14 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 def test_missing_directory_and_cache_overflow(tiny_untied, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        M.load(str(tmp_path / "nope"))
+        llama.load(str(tmp_path / "nope"))
     path, _ = tiny_untied
-    m, _ = M.load(path)
-    cache = M.KVCache(m.args, 1, 4)
+    m = llama.load(path)
+    cache = llama.KVCache(m.args, 1, 4)
     with pytest.raises(ValueError, match="cache full"):
         m(torch.zeros(1, 5, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="max_seq_len"):
-        M.KVCache(m.args, 1, 10_000)
+        llama.KVCache(m.args, 1, 10_000)
 
 
 def test_cli_generates(tiny_untied, capsys):

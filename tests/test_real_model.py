@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import generate
-import model as M
+import model as llama
 
 TEXTS = [
     "The capital of France is",
@@ -26,7 +26,7 @@ PROMPTS = ["The capital of France is", "A user liked \"Toy Story (1995)\" and \"
 @pytest.fixture(scope="session")
 def both(default_dir, default_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    ours, tok = M.load(default_dir)
+    ours, tok = generate.load_model(default_dir, plain=True)
     d, f = os.path.split(default_gguf)
     ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
@@ -72,7 +72,7 @@ def test_lora_training_gradients_match_peft(both, default_dir, tmp_path):
     peft = pytest.importorskip("peft")
     import lora
     _, tok, ref, _ = both
-    ours, _ = M.load(default_dir)                      # a fresh copy: the shared one stays adapter-free
+    ours = llama.load(default_dir)                      # a fresh copy: the shared one stays adapter-free
     lora.inject(ours, ("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -1,6 +1,5 @@
 """recicl.py end to end on a tiny random model and a tiny dataset, plus its prompt rules,
 answer-token check and shared-prefix scoring."""
-import argparse
 import json
 import os
 
@@ -8,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import data as D
-import model as M
-import recicl as R
+import data
+import generate
+import model as llama
+from tokenizer import Tokenizer, load_tokenizer
+import recicl
 
 
 def write_tiny_movielens(path, n_users=12, n_items=40, per_user=24, seed=0):
@@ -34,24 +35,24 @@ def setup_dirs(tmp_path):
 
 
 def common(model, ds, out):
-    return ["--model", model, "--dataset", ds, "--out", out, "--max-len", "600"]
+    return ["--model", model, "--dataset", ds, "--out", out, "--prompt-budget", "600"]
 
 
 def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     model, ds, out = setup_dirs
     small = ["--train-samples", "8", "--val-samples", "4", "--steps", "2", "--batch-size", "2", "--save-every", "1"]
-    R.main(["train"] + common(model, ds, out) + small)
-    R.main(["train", "--demos", "0"] + common(model, ds, out) + small)
+    recicl.main(["train"] + common(model, ds, out) + small)
+    recicl.main(["train", "--demos", "0"] + common(model, ds, out) + small)
     for run in ("icl", "nodemo"):
         assert os.path.exists(os.path.join(out, run, "best", "adapter_model.safetensors"))
         assert json.load(open(os.path.join(out, run, "config.json")))["method"] == "recicl"
-    R.main(["eval", "--eval-samples", "12", "--rows-per-user", "4", "--update", "--icl-ablation"] + small + common(model, ds, out))
+    recicl.main(["eval", "--eval-samples", "12", "--rows-per-user", "4", "--update", "--icl-ablation"] + small + common(model, ds, out))
     res = json.load(open(os.path.join(out, "results.json")))
     methods = {r["method"] for r in res["rows"]}
-    llm = {name for name, _, _ in R.LLM_METHODS} | {R.UPDATED}
+    llm = {name for name, _, _ in recicl.LLM_METHODS} | {recicl.UPDATED}
     controls = {"DemoLikeRate", "UserLikeRate", "ItemLikeRate (t)", "LogReg", "MF", "Pop", "ItemLikeRate"}
     assert llm | controls == methods
-    auc_rows = [r for r in res["rows"] if r["method"] != R.UPDATED]
+    auc_rows = [r for r in res["rows"] if r["method"] != recicl.UPDATED]
     assert {r["period"] for r in auc_rows} == {"D5", "D6", "D7", "D8", "D9"}
     assert all(r["n"] == 12 and r["users"] >= 3 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
     assert all(0 <= r["demos_shown"] <= r["demos_available"] <= 4 for r in auc_rows if r["method"] in ("RecICL", "base + ICL"))
@@ -61,93 +62,92 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     assert len(summary["PDM"]["per_period"]) == 4 and "definition" in summary["PDM"]
     assert os.path.exists(os.path.join(out, "update", "through_D8", "best", "adapter_model.safetensors"))
     capsys.readouterr()
-    R.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6"] + common(model, ds, out))
+    recicl.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6"] + common(model, ds, out))
     before = capsys.readouterr().out
-    R.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6", "--feedback", "1:5", "2:1"] + common(model, ds, out))
+    recicl.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6", "--feedback", "1:5", "2:1"] + common(model, ds, out))
     after = capsys.readouterr().out
     assert "(0 new)" in before and "(2 new)" in after
     assert len([l for l in after.splitlines() if ". " in l and "item" in l]) == 6
 
 
-def tiny_prompter(model_dir, ds, k=4, max_len=400, demo_history=3):
-    d = D.load(ds, verbose=False)
-    samples = D.recicl_samples(d, k_demos=k)
-    args = M.ModelArgs.from_hf_config(json.load(open(os.path.join(model_dir, "config.json"))))
-    tok = M.load_tokenizer(model_dir, args)
-    return d, samples, tok, R.Prompter(d, samples, tok, k, demo_history, max_len)
+def tiny_prompter(model_dir, ds, k=4, prompt_budget=400, demo_history=3):
+    d = data.load(ds, verbose=False)
+    samples = data.recicl_samples(d, k_demos=k)
+    args = llama.ModelArgs.from_hf_config(json.load(open(os.path.join(model_dir, "config.json"))))
+    tok = load_tokenizer(model_dir, args)
+    return d, samples, tok, recicl.Prompter(d, samples, tok, k, demo_history, prompt_budget)
 
 
 def test_over_long_prompt_cuts_query_history_then_oldest_demos_and_keeps_query(setup_dirs):
     model, ds, _ = setup_dirs
-    d, samples, tok, pr = tiny_prompter(model, ds, max_len=100_000)
-    s = next(x for x in samples if len(x.demos) == 4 and len(x.history) >= 3)
+    d, samples, tok, pr = tiny_prompter(model, ds, prompt_budget=100_000)
+    s = next(x for x in samples if len(x.demo_idx) == 4 and len(x.history) >= 3)
     titles = [d.titles[i] for i in s.history]
     full, kept = pr.render(s)
-    assert [x.idx for x in kept] == s.demos
-    assert full.endswith(R.block(titles, d.titles[s.item]))
+    assert [x.idx for x in kept] == s.demo_idx
+    assert full.endswith(recicl.block(titles, d.titles[s.item]))
     n_full = len(tok.encode(full))
-    pr.max_len = n_full - 5                   # the query's oldest history title goes, every demo stays
+    pr.prompt_budget = n_full - 5                   # the query's oldest history title goes, every demo stays
     text, kept = pr.render(s)
-    assert [x.idx for x in kept] == s.demos and text.endswith(R.block(titles[1:], d.titles[s.item]))
-    no_history = R.block([], d.titles[s.item])
-    pr.max_len = len(tok.encode(text[:-len(R.block(titles[1:], d.titles[s.item]))] + no_history)) - 1
+    assert [x.idx for x in kept] == s.demo_idx and text.endswith(recicl.block(titles[1:], d.titles[s.item]))
+    no_history = recicl.block([], d.titles[s.item])
+    pr.prompt_budget = len(tok.encode(text[:-len(recicl.block(titles[1:], d.titles[s.item]))] + no_history)) - 1
     text, kept = pr.render(s)                 # no history left to cut: the oldest demonstration goes
-    assert [x.idx for x in kept] == s.demos[1:] and text.endswith(no_history)
-    pr.max_len = len(tok.encode(R.SYSTEM + no_history))          # only the bare query fits
+    assert [x.idx for x in kept] == s.demo_idx[1:] and text.endswith(no_history)
+    pr.prompt_budget = len(tok.encode(recicl.SYSTEM + no_history))          # only the bare query fits
     text, kept = pr.render(s)
-    assert kept == [] and text == R.SYSTEM + no_history
-    pr.max_len -= 1
+    assert kept == [] and text == recicl.SYSTEM + no_history
+    pr.prompt_budget -= 1
     with pytest.raises(ValueError, match="the query alone needs"):
         pr.render(s)
     for x in samples:                                       # demonstrations are strictly earlier
-        assert all(samples[j].ts < x.ts for j in x.demos)
+        assert all(samples[j].ts < x.ts for j in x.demo_idx)
 
 
 def test_answer_tokens_checked_at_startup(tmp_path, setup_dirs):
     model, _, _ = setup_dirs
-    args = M.ModelArgs.from_hf_config(json.load(open(os.path.join(model, "config.json"))))
-    tok = M.load_tokenizer(model, args)
-    yes, no = R.answer_ids(tok)
+    args = llama.ModelArgs.from_hf_config(json.load(open(os.path.join(model, "config.json"))))
+    tok = load_tokenizer(model, args)
+    yes, no = recicl.answer_ids(tok)
     assert yes != no and tok.decode([yes]) == " Yes" and tok.decode([no]) == " No"
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    plain = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    plain = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
     plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     plain.save(str(tmp_path / "plain.json"))
     with pytest.raises(ValueError, match="single distinct tokens"):
-        R.answer_ids(M.Tokenizer(str(tmp_path / "plain.json"), None, False, []))
+        recicl.answer_ids(Tokenizer(str(tmp_path / "plain.json"), None, False, []))
 
 
 def test_shared_prefix_scoring_equals_separate_prompts(setup_dirs):
     model_dir, ds, _ = setup_dirs
-    m, tok = M.load(model_dir)
-    d, samples, _, pr = tiny_prompter(model_dir, ds, max_len=1000)
-    ans = R.answer_ids(tok)
+    m, tok = generate.load_model(model_dir, plain=True)
+    d, samples, _, pr = tiny_prompter(model_dir, ds, prompt_budget=1000)
+    ans = recicl.answer_ids(tok)
 
-    class A:
-        threshold, demos, batch_size = 4.0, 1, 3
     history = [(int(i), float(r)) for i, r in zip(d.items[d.users == 0], d.ratings[d.users == 0])]
     cands = list(range(7))
-    ranked = dict(R.rank_for_user(m, tok, pr, d, history, cands, ans, A))
+    ranked = dict(recicl.rank_for_user(m, tok, pr, d, history, cands, ans, k_demos=1, threshold=4.0,
+                                             batch_size=3))
     liked = [i for i, r in history if r >= 4][-10:]
     for c in cands:                                         # the same prompt, whole, scored alone
         demos = []
         for k in range(len(history) - 1, len(history)):
             i, r = history[k]
-            demos.append(D.Sample(-1, -1, i, int(r >= 4), 0, 0, [x for x, rr in history[:k] if rr >= 4][-10:], []))
-        text = R.SYSTEM + "".join(pr.demo_text(s) for s in demos) + R.block([d.titles[i] for i in liked], d.titles[c])
-        assert len(tok.encode(text)) < pr.max_len                # within budget: nothing was dropped
+            demos.append(data.Sample(-1, -1, i, int(r >= 4), 0, 0, [x for x, rr in history[:k] if rr >= 4][-10:], []))
+        text = recicl.SYSTEM + "".join(pr.demo_text(s) for s in demos) + recicl.block([d.titles[i] for i in liked], d.titles[c])
+        assert len(tok.encode(text)) < pr.prompt_budget                # within budget: nothing was dropped
         with torch.no_grad():
-            lg = R.yes_no_logits(m, [tok.encode(text)], ans)[0]
+            lg = recicl.yes_no_logits(m, [tok.encode(text)], ans)[0]
         assert abs((lg[0] - lg[1]).item() - ranked[c]) < 1e-4
 
 
 def test_query_split_is_a_token_boundary_for_the_real_tokenizer(default_dir):
-    args = M.ModelArgs.from_hf_config(json.load(open(os.path.join(default_dir, "config.json"))))
-    tok = M.load_tokenizer(default_dir, args)
-    d = D.load(verbose=False)
+    args = llama.ModelArgs.from_hf_config(json.load(open(os.path.join(default_dir, "config.json"))))
+    tok = load_tokenizer(default_dir, args)
+    d = data.load(verbose=False)
     liked = d.titles[:5]
     for title in d.titles[::37] + ['Star Wars: "Episode" IV (1977)', "Amélie (2001)", "8 1/2 (1963)"]:
-        a, b = R.split_query(liked, title)
+        a, b = recicl.split_query(liked, title)
         assert tok.encode(a) + tok.encode(b, bos=False) == tok.encode(a + b), title
 
 
@@ -156,12 +156,12 @@ def test_yes_no_logits_of_a_padded_batch_match_transformers(tmp_path):
     batch; the two logits must be transformers' at that token of each prompt run alone."""
     from conftest import make_tiny_dir
     hf = make_tiny_dir(tmp_path / "tiny", tie=True)
-    m, _ = M.load(str(tmp_path / "tiny"))
+    m = llama.load(str(tmp_path / "tiny"))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (40, 17, 29)]
     ans = [297, 295]
     with torch.no_grad():
-        ours = R.yes_no_logits(m, prompts, ans)
+        ours = recicl.yes_no_logits(m, prompts, ans)
         for b, p in enumerate(prompts):
             ref = hf(torch.tensor([p])).logits[0, -1, ans]
             assert torch.allclose(ours[b], ref, atol=1e-4, rtol=0), b
@@ -170,10 +170,10 @@ def test_yes_no_logits_of_a_padded_batch_match_transformers(tmp_path):
 
 def test_eval_rows_are_whole_users_with_a_row_cap(setup_dirs):
     _, ds, _ = setup_dirs
-    d = D.load(ds, verbose=False)
-    samples = D.recicl_samples(d, k_demos=4)
-    rows = R.eval_rows(samples, range(5, 10), n_rows=10, rows_per_user=3, seed=0)
-    assert rows == R.eval_rows(samples, range(5, 10), n_rows=10, rows_per_user=3, seed=0)
+    d = data.load(ds, verbose=False)
+    samples = data.recicl_samples(d, k_demos=4)
+    rows = recicl.eval_rows(samples, range(5, 10), n_rows=10, rows_per_user=3, seed=0)
+    assert rows == recicl.eval_rows(samples, range(5, 10), n_rows=10, rows_per_user=3, seed=0)
     for p, rs in rows.items():
         assert len(rs) == 10 and all(s.period == p for s in rs) and len({s.idx for s in rs}) == 10
         per_user = {u: sum(s.user == u for s in rs) for u in {s.user for s in rs}}
@@ -181,21 +181,21 @@ def test_eval_rows_are_whole_users_with_a_row_cap(setup_dirs):
         # every drawn user but the last gives min(3, its rows in the period)
         full = [u for u, c in per_user.items() if c < min(3, sum(s.user == u and s.period == p for s in samples))]
         assert len(full) <= 1
-    every = R.eval_rows(samples, range(5, 10), n_rows=0, rows_per_user=3, seed=0)
+    every = recicl.eval_rows(samples, range(5, 10), n_rows=0, rows_per_user=3, seed=0)
     assert sorted(s.idx for s in every[7]) == [s.idx for s in samples if s.period == 7]
 
 
 def test_demo_like_rate_reads_the_demonstrations_the_prompt_shows(setup_dirs):
     model, ds, _ = setup_dirs
-    d, samples, tok, pr = tiny_prompter(model, ds, max_len=100_000)
-    s = next(x for x in samples if len(x.demos) == 4 and len(x.history) >= 1 and x.period >= 5)
-    pr.max_len = len(tok.encode(pr.render(s)[0])) - 1     # the query's history goes first: all demos stay
+    d, samples, tok, pr = tiny_prompter(model, ds, prompt_budget=100_000)
+    s = next(x for x in samples if len(x.demo_idx) == 4 and len(x.history) >= 1 and x.period >= 5)
+    pr.prompt_budget = len(tok.encode(pr.render(s)[0])) - 1     # the query's history goes first: all demos stay
     assert len(pr.render(s)[1]) == 4
-    no_history = R.block([], d.titles[s.item])
-    pr.max_len = len(tok.encode(R.SYSTEM + "".join(pr.demo_text(samples[j]) for j in s.demos[2:]) + no_history))
+    no_history = recicl.block([], d.titles[s.item])
+    pr.prompt_budget = len(tok.encode(recicl.SYSTEM + "".join(pr.demo_text(samples[j]) for j in s.demo_idx[2:]) + no_history))
     kept = pr.render(s)[1]
-    assert [x.idx for x in kept] == s.demos[2:]
-    a = argparse.Namespace(demos=4, threshold=4.0, periods=10, train_periods=5, seed=0)
-    ctrl = R.control_scores(d, samples, {s.period: [s]}, pr, a, log=lambda m: None)
+    assert [x.idx for x in kept] == s.demo_idx[2:]
+    ctrl = recicl.control_scores(d, samples, {s.period: [s]}, pr, k_demos=4, threshold=4.0, periods=10, train_periods=5,
+                                 seed=0, log=lambda m: None)
     likes = sum(x.label for x in kept)
     assert ctrl["DemoLikeRate"][s.period][0] == pytest.approx((likes + 0.5) / 3)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lora
-import model as M
-import train as T
+import model as llama
+import train as trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,26 +36,26 @@ def lm_loss(model, examples):
 
 
 def fresh(path, seed=0, dropout=0.1, targets=("q_proj", "v_proj")):
-    m, _ = M.load(path)
+    m = llama.load(path)
     torch.manual_seed(seed)
     lora.inject(m, targets, r=4, alpha=8, dropout=dropout)
     return m
 
 
 def test_lr_schedule_by_hand():
-    cfg = T.TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
-    assert T.lr_factor(0, cfg) == pytest.approx(0.1)
-    assert T.lr_factor(9, cfg) == pytest.approx(1.0)
-    assert T.lr_factor(10, cfg) == pytest.approx(1.0)
-    assert T.lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert T.lr_factor(110, cfg) == pytest.approx(0.1)
+    cfg = trainer.TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert trainer.lr_factor(0, cfg) == pytest.approx(0.1)
+    assert trainer.lr_factor(9, cfg) == pytest.approx(1.0)
+    assert trainer.lr_factor(10, cfg) == pytest.approx(1.0)
+    assert trainer.lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert trainer.lr_factor(110, cfg) == pytest.approx(0.1)
 
 
 def test_batches_are_a_function_of_seed_and_step():
-    cfg = T.TrainConfig(batch_size=5, seed=3)
-    seen = [i for s in range(4) for i in T.batch_indices(s, 10, cfg)]
+    cfg = trainer.TrainConfig(batch_size=5, seed=3)
+    seen = [i for s in range(4) for i in trainer.batch_indices(s, 10, cfg)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs
-    assert T.batch_indices(2, 10, cfg) == T.batch_indices(2, 10, cfg)
+    assert trainer.batch_indices(2, 10, cfg) == trainer.batch_indices(2, 10, cfg)
     assert seen[:10] != seen[10:20]
 
 
@@ -64,7 +64,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_untied, tmp_path):
     data = pattern_examples()
     cfg = dict(steps=6, batch_size=4, micro_batch=2, lr=5e-3, warmup_steps=2, save_every=1, seed=1)
     a = fresh(path)
-    T.train(a, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "a"), **cfg))
+    trainer.train(a, data, lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "a"), **cfg))
 
     calls = {"n": 0}
 
@@ -75,12 +75,12 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_untied, tmp_path):
         return lm_loss(model, ex)
     b = fresh(path)
     with pytest.raises(KeyboardInterrupt):
-        T.train(b, data, interrupted, T.TrainConfig(out_dir=str(tmp_path / "b"), **cfg))
+        trainer.train(b, data, interrupted, trainer.TrainConfig(out_dir=str(tmp_path / "b"), **cfg))
     ck = json.load(open(tmp_path / "b" / "checkpoint.json"))
     assert ck["step"] == 4 and os.listdir(tmp_path / "b").count(ck["tensors"]) == 1
     torch.manual_seed(12345)                  # whatever the process did since, resume restores it
     c = fresh(path, seed=99)                  # a different initial adapter: the checkpoint replaces it
-    T.train(c, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "b"), **cfg), resume=True)
+    trainer.train(c, data, lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "b"), **cfg), resume=True)
     sa, sc = lora.adapter_state(a), lora.adapter_state(c)
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
     assert any(not torch.equal(sa[k], lora.adapter_state(fresh(path))[k]) for k in sa)
@@ -90,7 +90,7 @@ def test_validation_keeps_best_and_writes_files(tiny_untied, tmp_path):
     path, _ = tiny_untied
     m = fresh(path, dropout=0.0)
     scores = iter([0.3, 0.9, 0.5, 0.7])
-    out = T.train(m, pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(tmp_path / "r"), steps=4, batch_size=2,
+    out = trainer.train(m, pattern_examples(), lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "r"), steps=4, batch_size=2,
                   eval_every=1, save_every=2), validate=lambda _: next(scores), run_config={"method": "test"})
     assert out["best"] == 0.9
     assert json.load(open(tmp_path / "r" / "best" / "metric.json")) == {"step": 2, "metric": 0.9}
@@ -103,22 +103,22 @@ def test_resume_refuses_other_settings_and_files_hold_no_pickle(tiny_untied, tmp
     path, _ = tiny_untied
     cfg = dict(out_dir=str(tmp_path / "r"), steps=4, batch_size=2, save_every=1, lr=1e-3)
     with pytest.raises(KeyboardInterrupt):
-        T.train(fresh(path), pattern_examples(), interrupt_at(3), T.TrainConfig(**cfg), run_config={"args": {"lr": 1e-3}})
+        trainer.train(fresh(path), pattern_examples(), interrupt_at(3), trainer.TrainConfig(**cfg), run_config={"args": {"lr": 1e-3}})
     for name in os.listdir(tmp_path / "r"):                           # JSON, safetensors, text: no pickle
         if os.path.isfile(tmp_path / "r" / name):
             assert not (tmp_path / "r" / name).read_bytes().startswith(b"\x80"), name
     with pytest.raises(ValueError, match=r"other settings: train.lr 0.001 -> 0.01"):
-        T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**{**cfg, "lr": 1e-2}), resume=True,
+        trainer.train(fresh(path), pattern_examples(), lm_loss, trainer.TrainConfig(**{**cfg, "lr": 1e-2}), resume=True,
                 run_config={"args": {"lr": 1e-3}})
     with pytest.raises(ValueError, match=r"args.train_rows None -> 8"):
-        T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**cfg), resume=True,
+        trainer.train(fresh(path), pattern_examples(), lm_loss, trainer.TrainConfig(**cfg), resume=True,
                 run_config={"args": {"lr": 1e-3, "train_rows": 8}})
     ck = json.load(open(tmp_path / "r" / "checkpoint.json"))
     with open(tmp_path / "r" / ck["tensors"], "r+b") as f:             # a damaged tensor file is refused
         f.seek(-1, 2)
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
     with pytest.raises(ValueError, match="does not match its SHA-256"):
-        T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(**cfg), resume=True, run_config={"args": {"lr": 1e-3}})
+        trainer.train(fresh(path), pattern_examples(), lm_loss, trainer.TrainConfig(**cfg), resume=True, run_config={"args": {"lr": 1e-3}})
 
 
 def interrupt_at(call):
@@ -141,20 +141,20 @@ def test_non_finite_loss_stops_and_nan_validation_is_never_best(tiny_untied, tmp
         loss, n = lm_loss(model, ex)
         return (loss * float("nan") if calls["n"] == 3 else loss), n     # step 2, first micro-batch
     with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
-        T.train(fresh(path), pattern_examples(), nan_at_step_2, T.TrainConfig(out_dir=str(tmp_path / "n"), **cfg))
+        trainer.train(fresh(path), pattern_examples(), nan_at_step_2, trainer.TrainConfig(out_dir=str(tmp_path / "n"), **cfg))
     assert json.load(open(tmp_path / "n" / "checkpoint.json"))["step"] == 1
     assert not os.path.exists(tmp_path / "n" / "final")
-    out = T.train(fresh(path), pattern_examples(), lm_loss, T.TrainConfig(out_dir=str(tmp_path / "v"), eval_every=1, **cfg),
+    out = trainer.train(fresh(path), pattern_examples(), lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "v"), eval_every=1, **cfg),
                   validate=lambda m: float("nan"))
     assert out["best"] is None and not os.path.exists(tmp_path / "v" / "best")
 
 
 def test_one_run_per_directory_and_interrupted_validation_runs_again(tiny_untied, tmp_path):
     path, _ = tiny_untied
-    cfg = T.TrainConfig(out_dir=str(tmp_path / "r"), steps=2, batch_size=2, save_every=1, eval_every=1)
-    held = T.RunLock(str(tmp_path / "r"))
+    cfg = trainer.TrainConfig(out_dir=str(tmp_path / "r"), steps=2, batch_size=2, save_every=1, eval_every=1)
+    held = trainer.RunLock(str(tmp_path / "r"))
     with pytest.raises(RuntimeError, match="in use by another run"):
-        T.train(fresh(path), pattern_examples(), lm_loss, cfg)
+        trainer.train(fresh(path), pattern_examples(), lm_loss, cfg)
     held.release()
     seen = []
 
@@ -164,10 +164,10 @@ def test_one_run_per_directory_and_interrupted_validation_runs_again(tiny_untied
             raise KeyboardInterrupt                # Ctrl-C inside the first validation (step 1)
         return 0.5
     with pytest.raises(KeyboardInterrupt):
-        T.train(fresh(path), pattern_examples(), lm_loss, cfg, validate=validate)
+        trainer.train(fresh(path), pattern_examples(), lm_loss, cfg, validate=validate)
     ck = json.load(open(tmp_path / "r" / "checkpoint.json"))
     assert ck["step"] == 1 and ck["pending_validation"] is True
-    out = T.train(fresh(path), pattern_examples(), lm_loss, cfg, validate=validate, resume=True)
+    out = trainer.train(fresh(path), pattern_examples(), lm_loss, cfg, validate=validate, resume=True)
     assert json.load(open(tmp_path / "r" / "best" / "metric.json"))["step"] == 1   # step 1's validation ran
     assert out["best"] == 0.5 and len(seen) == 3                        # step 1 again, then the end (step 2)
 
@@ -178,7 +178,7 @@ def test_tiny_model_learns_the_pattern(tiny_untied, tmp_path):
     data = pattern_examples(64)
     with torch.no_grad():
         start = lm_loss(m, data)[0].item()
-    T.train(m, data, lm_loss, T.TrainConfig(out_dir=str(tmp_path / "l"), steps=150, batch_size=8, lr=3e-2,
+    trainer.train(m, data, lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "l"), steps=150, batch_size=8, lr=3e-2,
                                             warmup_steps=5, save_every=1000, log_every=50))
     with torch.no_grad():
         end = lm_loss(m, data)[0].item()
@@ -208,16 +208,16 @@ def test_grad_checkpoint_and_bf16_autocast(tiny_untied):
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    import lora, model as M, train as T
+    import lora, model as llama, train as trainer
     from test_train import pattern_examples, lm_loss
-    m, _ = M.load({path!r})
+    m = llama.load({path!r})
     torch.manual_seed(0)
     lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
-    T.train(m, pattern_examples(), lm_loss, T.TrainConfig(out_dir={out!r}, steps=2, batch_size=4, micro_batch=1,
+    trainer.train(m, pattern_examples(), lm_loss, trainer.TrainConfig(out_dir={out!r}, steps=2, batch_size=4, micro_batch=1,
             lr=1e-2, warmup_steps=1, save_every=100))
     if int(os.environ.get("RANK", "0")) == 0:
         lora.save_adapter(m, os.path.join({out!r}, "adapter"))
-    T.dist_close()
+    trainer.dist_close()
 """)
 
 

@@ -1,0 +1,62 @@
+"""The tokenizer of a HF-layout checkpoint: tokenizer.json plus the checkpoint's BOS rule.
+
+Text is always plain text here: a string such as "<|im_end|>" inside it (a title in the data,
+say) is encoded as its characters, never as the control token; callers add control tokens by id
+(Tokenizer.token_id). This file imports nothing from the project.
+"""
+import json
+import os
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the BOS rule of the checkpoint: special tokens are never
+    added by the backend; BOS is prepended once iff tokenizer_config.json says add_bos_token."""
+
+    def __init__(self, path: str, bos_id: int | None, add_bos: bool, eos_ids: list[int]):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tk = HFTokenizer.from_file(path)
+        self.tk.encode_special_tokens = True
+        self.bos_id, self.add_bos, self.eos_ids = bos_id, add_bos, eos_ids
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int:
+        """The id of a control token such as "<|im_start|>" (an error if the vocabulary lacks it)."""
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"the tokenizer has no token {token!r}")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+
+def load_tokenizer(model_dir: str, args) -> Tokenizer:
+    """The tokenizer of model_dir; args: the model's ModelArgs (bos_id, eos_ids, vocab_size)."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json")
+    tc_path, add_bos = os.path.join(model_dir, "tokenizer_config.json"), False
+    if os.path.exists(tc_path):
+        with open(tc_path) as f:
+            try:
+                tc = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{tc_path}: not valid JSON ({e})") from None
+        add_bos = bool(tc.get("add_bos_token", False)) if isinstance(tc, dict) else False
+    try:
+        tok = Tokenizer(path, args.bos_id, add_bos, args.eos_ids)
+    except Exception as e:                      # the tokenizers library raises its own Exception type
+        raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
+    if tok.vocab_size > args.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                         f"{args.vocab_size}: ids past it would index outside the embeddings")
+    return tok
