@@ -1,17 +1,21 @@
-"""Speed and memory of model.py against HF transformers, measured in the same run.
+"""Speed and memory of our model (fast.load: model.py plus the CPU speed layer) against HF
+transformers, and against the plain model.py path, measured in the same run.
 
-    python bench.py [--model DIR] [--runs 7] [--only prefill,decode,long,memory,bf16]
+    python bench.py [--model DIR] [--runs 7] [--only prefill,decode,long,memory,bf16,lora]
+    python bench.py --only lora,decode --without fused      # what one fast.py trick buys
 
 Prints one JSON object per line:
-  {"bench": NAME, "ours": MEDIAN, "peer": MEDIAN, "unit": "s", "ratio": PEER/OURS, "runs": N}
-ratio > 1 means ours is faster (or smaller).
+  {"bench": NAME, "ours": MEDIAN, "peer": MEDIAN, "plain": MEDIAN, "unit": "s",
+   "ratio": PEER/OURS, "plain_over_ours": PLAIN/OURS, "runs": N}
+ratio > 1 means ours is faster (or smaller); plain_over_ours > 1 means the fast path pays.
+With --without T1,T2 the extra column is ours without those tricks ("without_T1,T2").
 
-How: each side runs in its own worker process that imports only its own stack (ours: torch,
-safetensors, tokenizers, numpy; the peer: transformers), because importing transformers slows
-other code in the same process (measured: our 512-token prefill 0.88 s -> 1.00 s after
-`import transformers`). The parent sends the two workers the same job alternately, run by
-run, so drift on a noisy machine hits both alike; each worker times only the job itself. One
-warm-up run each, then the median of `runs`. Both sides: fp32, same thread count, same model
+How: each side runs in its own worker process that imports only its own stack (ours and
+plain: torch, safetensors, tokenizers, numpy; the peer: transformers), because importing
+transformers slows other code in the same process (measured: our 512-token prefill 0.88 s ->
+1.00 s after `import transformers`). The parent sends the workers the same job in turn, run by
+run, so drift on a noisy machine hits all alike; each worker times only the job itself. One
+warm-up run each, then the median of `runs`. All sides: fp32, same thread count, same model
 directory, same token ids; outputs are compared before timing.
 
   prefill_512        one 512-token prompt, logits of the last position (the peer also computes
@@ -25,8 +29,6 @@ directory, same token ids; outputs are compared before timing.
   decode_128_bf16    ours in bfloat16 ("ours") against ours in float32 ("peer")
   lora_step_512      one LoRA training step (r 8 on q_proj, v_proj; one 512-token sequence, last 8
                      tokens supervised; forward, backward, AdamW) against transformers + peft;
-                     ours with train.keep_freed_memory() as train.train() sets it on CPU
-                     (--default-malloc: without it);
                      lora_step_512_peak_rss: peak resident memory during a step, above the
                      worker's size before loading the model (weights + activations + state);
                      lora_step_512_kernels: one profiled step per side, seconds in GEMM and
@@ -64,22 +66,26 @@ def rss_step_peak(fn, baseline):
     return out, rss("VmHWM:") - baseline
 
 
-def lora_worker(side: str, model_dir: str, default_malloc: bool = False):
+def load_ours(side: str, model_dir: str, dtype, without):
+    """side "ours": fast.load (without the tricks named); "plain": model.load."""
+    if side == "plain":
+        import model
+        return model.load(model_dir, dtype=dtype)
+    import fast
+    return fast.load(model_dir, dtype=dtype, without=without)
+
+
+def lora_worker(side: str, model_dir: str, without=()):
     """One LoRA training step: r 8, alpha 16, dropout 0 on q_proj and v_proj, one 512-token
-    sequence whose last 8 tokens are supervised, AdamW, fp32. Ours runs as train.train() runs
-    it on CPU, with train.keep_freed_memory() (unless default_malloc)."""
+    sequence whose last 8 tokens are supervised, AdamW, fp32."""
     import torch
     ids = torch.tensor([PROMPT_512])
-    if side == "ours":
+    if side in ("ours", "plain"):
         import lora
-        import model as M
         baseline = rss()
-        m, _ = M.load(model_dir)
+        m = load_ours(side, model_dir, torch.float32, without)
         lora.inject(m, ("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
         params = lora.lora_parameters(m)
-        if not default_malloc:
-            import train
-            train.keep_freed_memory()
         sup = torch.zeros_like(ids, dtype=torch.bool)
         sup[:, -9:-1] = True                                  # position t predicts token t+1
         targets = torch.roll(ids, -1, 1)
@@ -134,19 +140,19 @@ def kernel_seconds(step) -> dict:
     return {"gemm": round(gemm / 1e6, 4), "attention": round(attn / 1e6, 4), "profiled_total": round(total / 1e6, 4)}
 
 
-def worker(side: str, model_dir: str, dtype: str, default_malloc: bool = False):
+def worker(side: str, model_dir: str, dtype: str, without=()):
     """Read one job name per line from stdin; answer {"t": seconds, "out": ...} per line."""
     import torch
     if side.endswith("-lora"):
-        return lora_worker(side[:-5], model_dir, default_malloc)
-    if side == "ours":
+        return lora_worker(side[:-5], model_dir, without)
+    if side in ("ours", "plain"):
         import generate
-        import model as M
-        m, _ = M.load(model_dir, dtype=getattr(torch, dtype))
+        import model as llama
+        m = load_ours(side, model_dir, getattr(torch, dtype), without)
         never = []
 
         def prefill():
-            cache = M.KVCache(m.args, 1, len(PROMPT_512), generate.model_dtype(m))
+            cache = llama.KVCache(m.args, 1, len(PROMPT_512), generate.model_dtype(m))
             return m.head(m(torch.tensor([PROMPT_512]), cache=cache)[:, -1])[0]
 
         def decode():
@@ -154,7 +160,7 @@ def worker(side: str, model_dir: str, dtype: str, default_malloc: bool = False):
 
         def decode_at(position, steps=32):
             ids = torch.tensor([[100 + (i * 7919) % 39000 for i in range(position)]])
-            cache = M.KVCache(m.args, 1, position + steps, generate.model_dtype(m))
+            cache = llama.KVCache(m.args, 1, position + steps, generate.model_dtype(m))
             m(ids, cache=cache)
             tok = torch.tensor([[1000]])
             t0 = time.perf_counter()
@@ -213,16 +219,27 @@ class Worker:
         self.p.wait()
 
 
-def compare(name, a: Worker, b: Worker, job_a: str, job_b: str, runs: int, **extra):
-    """Warm up both, check their outputs agree, then alternate a/b `runs` times."""
+def compare(name, a: Worker, b: Worker, job_a: str, job_b: str, runs: int, alt: Worker | None = None,
+            alt_name: str = "plain", **extra):
+    """Warm up both (all three with `alt`), check their outputs agree, then alternate a/b(/alt)
+    `runs` times. With alt (the plain model, or ours without one trick) the row also gives
+    alt's median and alt / ours (above 1: what the fast path, or that trick, buys)."""
     out_a, out_b = a(job_a)["out"], b(job_b)["out"]
-    ra, rb = [], []
+    same = out_a == out_b
+    if alt is not None:
+        same = same and alt(job_a)["out"] == out_a
+    ra, rb, rc = [], [], []
     for _ in range(runs):
         ra.append(a(job_a))
         rb.append(b(job_b))
+        if alt is not None:
+            rc.append(alt(job_a))
     ours, peer = statistics.median(r["t"] for r in ra), statistics.median(r["t"] for r in rb)
-    print(json.dumps({"bench": name, "ours": round(ours, 4), "peer": round(peer, 4), "unit": "s",
-                      "ratio": round(peer / ours, 3), "runs": runs, "same_output": out_a == out_b, **extra}), flush=True)
+    row = {"bench": name, "ours": round(ours, 4), "peer": round(peer, 4), "unit": "s", "ratio": round(peer / ours, 3)}
+    if alt is not None:
+        other = statistics.median(r["t"] for r in rc)
+        row.update({alt_name: round(other, 4), f"{alt_name}_over_ours": round(other / ours, 3)})
+    print(json.dumps({**row, "runs": runs, "same_output": same, **extra}), flush=True)
     if "peak" in ra[0]:
         po, pp = statistics.median(r["peak"] for r in ra), statistics.median(r["peak"] for r in rb)
         print(json.dumps({"bench": name + "_peak_rss", "ours": po, "peer": pp, "unit": "bytes",
@@ -237,9 +254,9 @@ import sys, torch
 from bench import rss
 which, path = sys.argv[1], sys.argv[2]
 if which == 'ours':
-    import model as M
+    import fast
     before = rss()
-    m, _ = M.load(path)
+    m = fast.load(path)
 else:
     from transformers import AutoModelForCausalLM
     before = rss()
@@ -267,34 +284,40 @@ def bench_load_memory(model_dir, runs):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Speed and memory of model.py against HF transformers (JSON lines).")
+    ap = argparse.ArgumentParser(description="Speed and memory of our model against HF transformers and the plain model.py path (JSON lines).")
     ap.add_argument("--model", default=None, help="HF Llama directory (default: the default model)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--only", default="prefill,decode,long,memory,bf16,lora")
-    ap.add_argument("--worker", choices=["ours", "peer", "ours-lora", "peer-lora"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "plain", "peer", "ours-lora", "plain-lora", "peer-lora"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="run our LoRA step with glibc's default malloc settings (without train.keep_freed_memory())")
+    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, column-major, "
+                    "fused, head, malloc): the extra column is then ours without them instead of the plain model")
+    ap.add_argument("--worker-without", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     model_dir = a.model
     if model_dir is None:
         from convert_gguf import default_model_dir
         model_dir = default_model_dir()
     if a.worker:
-        return worker(a.worker, model_dir, a.dtype, a.default_malloc)
+        return worker(a.worker, model_dir, a.dtype, [t for t in a.worker_without.split(",") if t])
     import torch
     which = set(a.only.split(","))
     print(json.dumps({"bench": "setup", "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "model": os.path.basename(os.path.normpath(model_dir))}), flush=True)
+    if a.without:                                     # the extra column: ours without these tricks
+        alt_side, alt_extra, alt_name = "ours", ["--worker-without", a.without], "without_" + a.without
+    else:                                             # the extra column: the plain model.py path
+        alt_side, alt_extra, alt_name = "plain", [], "plain"
     if which & {"prefill", "decode", "long"}:
         ours = Worker("ours", model_dir)
         if which & {"prefill", "decode"}:
-            peer = Worker("peer", model_dir)
+            peer, alt = Worker("peer", model_dir), Worker(alt_side, model_dir, extra=alt_extra)
             if "prefill" in which:
-                compare("prefill_512", ours, peer, "prefill", "prefill", a.runs)
+                compare("prefill_512", ours, peer, "prefill", "prefill", a.runs, alt, alt_name)
             if "decode" in which:
-                compare("decode_128", ours, peer, "decode", "decode", a.runs)
-            peer.close()
+                compare("decode_128", ours, peer, "decode", "decode", a.runs, alt, alt_name)
+            peer.close(), alt.close()
         if "long" in which:
             compare("decode_pos2000_vs_100", ours, ours, "pos2000", "pos100", a.runs,
                     note="ours = 32 steps at position 2000, peer = ours at position 100")
@@ -306,10 +329,11 @@ def main(argv=None):
         compare("decode_128_bf16", bf16, fp32, "decode", "decode", a.runs, note="ours bf16 vs ours fp32 (peer)")
         bf16.close(), fp32.close()
     if "lora" in which:
-        ours = Worker("ours-lora", model_dir, extra=["--default-malloc"] if a.default_malloc else [])
-        peer = Worker("peer-lora", model_dir)
-        peer_t = compare("lora_step_512", ours, peer, "step", "step", a.runs,
+        ours, peer = Worker("ours-lora", model_dir), Worker("peer-lora", model_dir)
+        alt = Worker(alt_side + "-lora", model_dir, extra=alt_extra)
+        peer_t = compare("lora_step_512", ours, peer, "step", "step", a.runs, alt, alt_name,
                          note="same_output compares the first step's loss (3 decimals)")
+        alt.close()
         ko, kp = ours("kernels")["out"], peer("kernels")["out"]
         floor = ko["gemm"] + ko["attention"]
         print(json.dumps({"bench": "lora_step_512_kernels", "ours": ko, "peer": kp, "unit": "s",
