@@ -101,6 +101,34 @@ def test_prefill_batch_caches_and_greedy_tokens_equal(tiny):
     assert generate.generate(quick, prompts, 12, eos_ids=[]) == generate.generate(plain, prompts, 12, eos_ids=[])
 
 
+@pytest.mark.parametrize("trick", fast.TRICKS)
+def test_each_trick_can_be_left_out(tiny_untied, trick):
+    """bench.py's --without: the fast model less one trick is still the same model (logits and
+    the LoRA gradients of a short training loss), and the trick is really off."""
+    path = tiny_untied[0]
+    plain, quick = llama.load(path), fast.load(path, without=[trick])
+    off = {"attention": not quick.model.layers[0].self_attn.train_kernel, "head": quick.head_linear is not fast.vocab_linear,
+           "fused": quick.model.layers[0].mlp.gate_up_t is None, "malloc": True,
+           "column-major": quick.model.layers[0].mlp.down_proj.weight.is_contiguous()}
+    assert off[trick]
+    idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for m in (plain, quick):
+        torch.manual_seed(0)
+        lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for mod in lora.lora_modules(m).values():
+                mod.lora_B.weight.normal_(0, 0.05)
+        m.train()
+        sup = torch.zeros_like(idx, dtype=torch.bool)
+        sup[:, 10:] = True
+        m.loss(idx, torch.roll(idx, -1, 1), sup).backward()
+        grads.append([p.grad for p in lora.lora_parameters(m)])
+    assert all(close(b, a, rel=1e-4) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="unknown fast.py tricks"):
+        fast.load(path, without=["nonsense"])
+
+
 def test_fast_load_is_plain_off_the_fp32_cpu_path(tiny):
     m = fast.load(tiny[0], dtype=torch.bfloat16)
     assert type(m.model.layers[0].self_attn) is llama.Attention and m.head_linear is torch.nn.functional.linear
