@@ -164,10 +164,9 @@ class VectorCache:
     def __init__(self, path: str, key: str):
         self.path, self.key, self.vecs = path, key, {}
         if os.path.exists(path):
-            from safetensors import safe_open
             try:
-                with safe_open(path, "pt") as f:
-                    meta, vecs = f.metadata() or {}, f.get_tensor("vecs")
+                meta = {}
+                vecs = dict(llama.read_safetensors(path, meta))["vecs"]
                 texts = json.loads(meta["texts"])
                 if not isinstance(texts, list) or vecs.dim() != 2 or len(texts) != len(vecs):
                     raise ValueError(f"{len(texts)} texts for vectors of shape {tuple(vecs.shape)}")

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from fetch import atomic_path, write_json
+from model import read_safetensors
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -190,15 +191,11 @@ def read_adapter_config(adapter_dir: str) -> dict:
 def load_adapter(model, adapter_dir: str) -> dict:
     """Inject LoRA as adapter_config.json says and load its weights. Every tensor must fit the
     model (names and shapes); anything else is an error naming it. Returns the config."""
-    from safetensors.torch import load_file
     cfg = read_adapter_config(adapter_dir)
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
-    try:
-        state = load_file(path)
-    except Exception as e:                   # the safetensors library's own error types
-        raise ValueError(f"{path}: unreadable adapter ({e})") from None
+    state = dict(read_safetensors(path))       # errors name the file
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: tensor {bad[0]} holds NaN or infinite values")

@@ -411,14 +411,17 @@ def rows_mask(valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- loading
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: str):
-    """Yields (name, tensor) from a .safetensors file, one tensor in memory at a time.
-    Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}}, then the data (https://github.com/huggingface/safetensors).
-    Read with plain file reads (no mmap) so peak memory stays near the model's size."""
+def read_safetensors(path: str, metadata: dict | None = None):
+    """Yields (name, tensor) from a .safetensors file, one tensor in memory at a time; the
+    project's one reader (files are written with the safetensors library). `metadata`, if
+    given, receives the file's __metadata__. Format: u64 little-endian header length N, N bytes
+    of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the data
+    (https://github.com/huggingface/safetensors). Read with plain file reads (no mmap) so peak
+    memory stays near the model's size."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -433,7 +436,9 @@ def read_safetensors(path: str):
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
         if not isinstance(header, dict):
             raise ValueError(f"{path}: corrupt safetensors header: not a JSON object")
-        header.pop("__metadata__", None)
+        meta = header.pop("__metadata__", None) or {}
+        if metadata is not None:
+            metadata.update(meta)
         for name, info in header.items():
             ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
             ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in info["shape"] + info["data_offsets"])
@@ -445,7 +450,7 @@ def read_safetensors(path: str):
             if info.get("dtype") not in _ST_DTYPES:
                 raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * torch.finfo(dtype).bits // 8
+            nbytes = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
             if e - b != nbytes or 8 + n + e > size:
                 raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length (truncated file?)")
             if b < end:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import lora
 from fetch import atomic_path, sha256, write_json
+from model import read_safetensors
 
 
 @dataclass
@@ -203,7 +204,6 @@ def save_checkpoint(out_dir, model, opt, sched, step, best, settings, rng, pendi
 def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, float | None, bool]:
     """Restore a checkpoint saved by save_checkpoint; refuses one whose settings differ from
     `settings`, naming them. Returns (step, best, pending_validation)."""
-    from safetensors.torch import load_file
     path = os.path.join(out_dir, "checkpoint.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -221,7 +221,7 @@ def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, fl
                          + "; run again with the checkpoint's settings, or without --resume in a new --out")
     if not os.path.exists(tensor_path) or sha256(tensor_path) != ck.get("sha256"):
         raise ValueError(f"{path}: its tensor file {tensor_path} is missing or does not match its SHA-256")
-    t = load_file(tensor_path)
+    t = dict(read_safetensors(tensor_path))
     params = lora.adapter_params(model)
     if {k[len("adapter."):] for k in t if k.startswith("adapter.")} != set(params):
         raise ValueError(f"{tensor_path}: the checkpoint's adapter does not match this model's LoRA modules")
