@@ -4,7 +4,7 @@
     python adaptrec.py eval                   # generation HR@1 / ValidRatio, likelihood HR@k / NDCG@5
     python adaptrec.py recommend --user 42    # retrieved users, selected demonstrations, answer
 
-Task (LLaRA's setting, see ../shared/notes/adaptrec.md): given a user's last <= 10 items, name
+Task (LLaRA's setting, arXiv 2312.02445): given a user's last <= 10 items, name
 the next one among 20 candidates (the true item and 19 the user never touched, fixed per row
 by data.sequential_rows).
 
@@ -22,8 +22,7 @@ history and is asked for a similarity from 1 to 9; instead of parsing text we re
 distribution over the nine digit tokens and take the expected rating. The M (5) best are kept,
 ties in stage-1 order. Each user pair is one continuation of a shared prefix (the target's
 history), all N in one batch. Judgements are cached on disk per row, model, data and prompt
-templates (prompt_key). `--select embed` keeps
-the stage-1 order, `--select random` draws M eligible users at random (the "no retrieval"
+templates (prompt_key). `--select embed` keeps the stage-1 order, `--select random` draws M eligible users at random (the "no retrieval"
 ablation). The judge is the untuned base model (the public code refreshes it from the adapter
 in training; we keep it fixed so that train and eval see the same selections).
 

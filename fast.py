@@ -6,19 +6,21 @@
 Nothing here changes what the model computes; tests/test_fast.py checks that the two paths give
 equal logits, losses, LoRA gradients, caches and greedy tokens. `prepare` runs on the model
 built on 'meta' (model.load's hook), before any weight has storage, so the layouts below cost no
-extra peak memory. What each trick buys, as bench.py measured it (docs/BENCHMARKS.md):
+extra peak memory. The tricks, by the names `load(without=...)` and `bench.py --without` use
+(what each buys, measured with bench.py: docs/BENCHMARKS.md):
 
-  CausalAttention     attention forward and backward by hand in query blocks, for training on
-                      CPU: torch's CPU flash kernels run at about a third of GEMM speed, and a
-                      block skips the keys it cannot see. The LoRA step's largest gain.
-  column-major        every fp32 matrix stored as a contiguous W^T: F.linear(x, W) = x W^T then
-                      reads it in order, ~1.4x faster GEMV (decoding); prefill GEMMs unchanged.
-  fused q/k/v, gate/up   each group's weights are column slices of one buffer, so one GEMM
-                      computes them (FusedAttention / FusedMLP, only while the projections are
-                      plain nn.Linear: a LoRA wrapper falls back to the plain path).
-  vocab_linear        the output head as one bmm over per-thread slices of the vocabulary.
-  keep_freed_memory   glibc keeps freed memory, so a training step stops page-faulting its
-                      activations back in. Process-wide: fast.load sets it.
+  attention      CausalAttention: attention forward and backward by hand in blocks of query
+                 rows, for training on CPU. Torch's CPU flash kernels run at about a third of
+                 GEMM speed, and a block skips the key blocks it cannot see.
+  column-major   every fp32 matrix stored as a contiguous W^T, so F.linear(x, W) = x W^T reads
+                 it in order: faster GEMV when decoding; prefill GEMMs unchanged.
+  fused          q/k/v and gate/up weights as column slices of one buffer per group, so one
+                 GEMM computes the group (only while the projections are plain nn.Linear: a
+                 LoRA wrapper falls back to the separate projections).
+  head           vocab_linear: the output head as one bmm over per-thread slices of the
+                 vocabulary.
+  malloc         keep_freed_memory: glibc keeps freed memory, so a training step stops
+                 page-faulting its activations back in. Process-wide: fast.load sets it.
 
 In bfloat16, or on another device, fast.load is model.load: these tricks are for fp32 on CPU.
 """
@@ -145,10 +147,8 @@ def vocab_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(h, w) for the output head, w: (V, D) with V large. In float32 on CPU it runs as one
     bmm over n = torch.get_num_threads() slices of the vocabulary (h @ W_i^T for row slices W_i of
     w): torch gives each batch entry of a bmm its own thread, and each thread streams its slice of
-    w once. One MKL GEMM with few rows of h reaches a fraction of that speed: 1 row 4.9 -> 2.3 ms,
-    8 rows (the LoRA step's loss) 30 -> 16 ms, backward 14.8 -> 8.2 ms, 256 rows the same (SmolLM2's
-    49152 x 576 head, 2 threads, one-off timings on bench.py's machine). bfloat16 gains nothing
-    there, so it keeps F.linear. Same products; the sums run in another order (fp32 rounding)."""
+    w once; one GEMM with few rows of h (a decode step, a loss at a few positions) reaches a
+    fraction of that speed. Same products; the sums run in another order (fp32 rounding)."""
     n = torch.get_num_threads()
     V, D = w.shape
     if h.shape[-1] != D:     # checked here: the bmm path would reshape a wrong h before failing
@@ -163,11 +163,10 @@ def vocab_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- training attention
 
-ATTN_BLOCK = 64  # query rows per block of the CPU training attention: 32..96 were fastest of 32..512 in
-                 # one-off timings on bench.py's shapes (and 32 or 128 changed the LoRA step by < 0.2%)
-ATTN_KEEP_P_BYTES = 64 << 20  # keep the forward's softmax P for the backward while it needs at most this
-                              # much per layer (1 x 9 heads x 512 tokens: 5.3 MB; LoRA step ~2% faster),
-                              # else recompute it; P grows as T^2, the rest of a layer's activations as T
+ATTN_BLOCK = 64                # query rows per block of the training attention (32 to 128 time alike)
+ATTN_KEEP_P_BYTES = 64 << 20   # keep the forward's softmax P for the backward while it needs at most this
+                               # much per layer (9 heads x 512 tokens: 5.3 MB), else recompute it; P grows
+                               # as T^2, the rest of a layer's activations as T
 
 
 class CausalAttention(torch.autograd.Function):

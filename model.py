@@ -85,12 +85,15 @@ class ModelArgs:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
                 raise ValueError(f"config.json: {key} must be a finite number > {low}, got {v!r}")
         if not isinstance(cfg.get("tie_word_embeddings", False), bool):
-            raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
+            raise ValueError("config.json: tie_word_embeddings must be true or false, "
+                             f"got {cfg['tie_word_embeddings']!r}")
         for key in ("bos_token_id", "eos_token_id"):
             ids = cfg.get(key)
             for i in (ids if isinstance(ids, list) else [ids]):
-                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg["vocab_size"]):
-                    raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size {cfg['vocab_size']}")
+                ok = i is None or (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg["vocab_size"])
+                if not ok:
+                    raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size "
+                                     f"{cfg['vocab_size']}")
         refuse = {"model_type": lambda v: v != "llama", "attention_bias": bool, "mlp_bias": bool,
                   "hidden_act": lambda v: v != "silu", "sliding_window": lambda v: v is not None,
                   "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default"}
@@ -105,13 +108,15 @@ class ModelArgs:
             raise ValueError(f"config.json: unsupported head_dim (hidden_size {dim} must be num_attention_heads "
                              f"{n_heads} x head_dim {cfg.get('head_dim')})")
         if n_heads % n_kv:
-            raise ValueError(f"config.json: num_attention_heads {n_heads} not a multiple of num_key_value_heads {n_kv}")
+            raise ValueError(f"config.json: num_attention_heads {n_heads} not a multiple of num_key_value_heads "
+                             f"{n_kv}")
         eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                    hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
                    norm_eps=numbers["rms_norm_eps"][0], rope_theta=float(numbers["rope_theta"][0]),
-                   max_seq_len=cfg.get("max_position_embeddings", 2048), tie_embeddings=cfg.get("tie_word_embeddings", False),
-                   bos_id=cfg.get("bos_token_id"), eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+                   max_seq_len=cfg.get("max_position_embeddings", 2048),
+                   tie_embeddings=cfg.get("tie_word_embeddings", False), bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids)
 
 
 # ----------------------------------------------------------------------------- math
@@ -325,7 +330,7 @@ class Llama(nn.Module):
             raise ValueError("pass either cache or prefix, not both")
         if at is not None and (cache is not None or prefix is not None):
             raise ValueError("`at` works without cache or prefix only")
-        if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= int(at.min()) <= int(at.max()) < T)):
+        if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= at.min() <= at.max() < T)):
             raise ValueError(f"`at` must be (B={B}, n) slots in 0..{T - 1}, got shape {tuple(at.shape)}")
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
@@ -355,7 +360,7 @@ class Llama(nn.Module):
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             kv_write = (cache.k[i], cache.v[i], start) if cache is not None else None
-            kv_prefix = (prefix.k[i][:, :, :prefix.length], prefix.v[i][:, :, :prefix.length]) if prefix is not None else None
+            kv_prefix = None if prefix is None else (prefix.k[i][:, :, :prefix.length], prefix.v[i][:, :, :prefix.length])
             args = (x, cos, sin, mask, kv_write, kv_prefix)
             if i == last and at is not None:
                 args = (x, cos, sin, rows_mask(valid, at), None, None, at)
@@ -429,7 +434,8 @@ def read_safetensors(path: str, metadata: dict | None = None):
             raise ValueError(f"{path}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
+            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of "
+                             f"{size})")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
@@ -440,11 +446,12 @@ def read_safetensors(path: str, metadata: dict | None = None):
         if metadata is not None:
             metadata.update(meta)
         for name, info in header.items():
-            ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
-            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in info["shape"] + info["data_offsets"])
+            ok = isinstance(info, dict) and all(isinstance(info.get(k), list) for k in ("shape", "data_offsets"))
+            numbers = info["shape"] + info["data_offsets"] if ok else []
+            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in numbers)
             if not ok or len(info["data_offsets"]) != 2:
-                raise ValueError(f"{path}: tensor {name}: corrupt header entry (needs dtype, a shape and two data_offsets, "
-                                 "all non-negative integers)")
+                raise ValueError(f"{path}: tensor {name}: corrupt header entry (needs dtype, a shape and two "
+                                 "data_offsets, all non-negative integers)")
         end = 0
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
             if info.get("dtype") not in _ST_DTYPES:
@@ -452,7 +459,8 @@ def read_safetensors(path: str, metadata: dict | None = None):
             dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
             nbytes = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
             if e - b != nbytes or 8 + n + e > size:
-                raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length (truncated file?)")
+                raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length "
+                                 "(truncated file?)")
             if b < end:
                 raise ValueError(f"{path}: tensor {name} overlaps the tensor before it (data_offsets {b}..{e})")
             end = e
@@ -519,7 +527,8 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Lla
             if name not in params:
                 raise ValueError(f"{path}: unexpected tensor {name} (not in a Llama with this config)")
             if t.shape != params[name].shape:
-                raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(params[name].shape)}")
             if name in seen:
                 raise ValueError(f"{path}: tensor {name} appears twice in the checkpoint")
             if t.is_floating_point() and not torch.isfinite(t).all():
@@ -529,7 +538,7 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Lla
             seen.add(name)
     missing = sorted(set(params) - seen)
     if missing:
-        raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)   # built on 'meta' above
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     model.eval().requires_grad_(False)
