@@ -317,14 +317,19 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, prefix: KVCache | None = None,
-                at: torch.Tensor | None = None) -> torch.Tensor:
+                at: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids. valid: (B, T) bool, False on padding (default all True).
         cache: read-write cache; this chunk is stored at slots cache.length.. and attends to
         everything stored before it. prefix: a read-only cache (batch 1 or B) that every row
         attends to first; nothing is written to it. Returns final-normed hidden states (B, T, D).
         at: (B, n) slots of idx; only their hidden states are returned, (B, n, D), and the last
         layer computes only those rows (its keys and values still come from every slot). A loss
-        on a few positions or the scores after a prompt need no more; it saves ~1/n_layers."""
+        on a few positions or the scores after a prompt need no more; it saves ~1/n_layers.
+        pos, mask: a layout of the caller's own instead of one causal sequence per row (no
+        cache or prefix): pos (B, T) RoPE positions, mask (B, 1, T, T) bool, query t sees key s;
+        it must lie within the causal triangle and let every token see itself. `valid` is then
+        not used: pads are the mask's to hide."""
         B, T = idx.shape
         if cache is not None and prefix is not None:
             raise ValueError("pass either cache or prefix, not both")
@@ -332,6 +337,10 @@ class Llama(nn.Module):
             raise ValueError("`at` works without cache or prefix only")
         if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= at.min() <= at.max() < T)):
             raise ValueError(f"`at` must be (B={B}, n) slots in 0..{T - 1}, got shape {tuple(at.shape)}")
+        if (pos is None) != (mask is None) or (mask is not None and (cache is not None or prefix is not None)):
+            raise ValueError("pos and mask go together, without cache or prefix")
+        if mask is not None and (mask.shape != (B, 1, T, T) or pos.shape != (B, T)):
+            raise ValueError(f"mask must be (B, 1, T, T) = {(B, 1, T, T)} and pos (B, T), got {tuple(mask.shape)}, {tuple(pos.shape)}")
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         start, past_valid, base_pos = 0, None, torch.zeros(B, dtype=torch.long, device=idx.device)
@@ -349,12 +358,14 @@ class Llama(nn.Module):
             base_pos = prefix.next_pos.expand(B)
             past_valid = prefix.valid[:, :prefix.length].expand(B, -1)
 
-        # positions: count of valid tokens before this one in its row (pads reuse a neighbour's)
-        pos = (base_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)            # (B, T)
+        if pos is None:  # positions: count of valid tokens before this one in its row (pads reuse a neighbour's)
+            pos = (base_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)        # (B, T)
         if int(pos.max()) >= self.args.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, hd)
-        mask = attention_mask(valid, past_valid)
+        own_mask = mask
+        if mask is None:
+            mask = attention_mask(valid, past_valid)
 
         x = self.model.embed_tokens(idx)
         last = len(self.model.layers) - 1
@@ -363,7 +374,8 @@ class Llama(nn.Module):
             kv_prefix = None if prefix is None else (prefix.k[i][:, :, :prefix.length], prefix.v[i][:, :, :prefix.length])
             args = (x, cos, sin, mask, kv_write, kv_prefix)
             if i == last and at is not None:
-                args = (x, cos, sin, rows_mask(valid, at), None, None, at)
+                rows = rows_mask(valid, at) if own_mask is None else own_mask.take_along_dim(at[:, None, :, None], dim=2)
+                args = (x, cos, sin, rows, None, None, at)
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:

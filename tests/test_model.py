@@ -31,6 +31,39 @@ def test_matches_transformers(tiny):
     assert ref.abs().max().item() > 1.0  # the comparison is not between near-zero numbers
 
 
+def block_layout(T: int = 12):
+    """Three blocks of 4 tokens, each at positions 0..3 and attending within itself, and the last
+    two tokens also reading the first two blocks: a layout that no single causal sequence has."""
+    owner = torch.arange(T) // 4
+    mask = (owner[:, None] == owner[None, :]) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])
+    mask[T - 2:, :8] = True
+    return torch.arange(T) % 4, mask
+
+
+def test_own_positions_and_mask_match_transformers_4d_mask(tiny):
+    """forward(pos=, mask=) against transformers given the same position_ids and a 4D additive
+    mask; the rows of `at` too."""
+    path, hf = tiny
+    m = llama.load(path)
+    torch.manual_seed(3)
+    pos, mask = block_layout()
+    idx, P, M = torch.randint(0, 300, (2, 12)), pos.expand(2, -1), mask.expand(2, 1, -1, -1)
+    additive = torch.zeros(M.shape).masked_fill(~M, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        ours = m.head(m(idx, pos=P, mask=M))
+        ref = hf(idx, attention_mask=additive, position_ids=P).logits.float()
+        at = torch.tensor([[11, 3], [7, 10]])
+        rows = m.head(m(idx, pos=P, mask=M, at=at))
+        plain = m.head(m(idx))
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (rows - ours.take_along_dim(at[:, :, None], dim=1)).abs().max().item() <= 1e-4
+    assert (plain - ours).abs().max().item() > 0.1      # the layout is not the causal one
+    with pytest.raises(ValueError, match="pos and mask go together"):
+        m(idx, mask=M)
+    with pytest.raises(ValueError, match="mask must be"):
+        m(idx, pos=P, mask=M[:, :, :5])
+
+
 def test_loss_matches_transformers_on_supervised_positions(tiny_untied):
     path, hf = tiny_untied
     m = llama.load(path)
