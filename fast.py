@@ -194,11 +194,12 @@ class CausalAttention(torch.autograd.Function):
         K, V = k.float().reshape(B * nkv, T, hd), v.float().reshape(B * nkv, T, hd)
         Y = torch.empty_like(Q)
         keep = B * nh * T * (T + ATTN_BLOCK) * 2 <= ATTN_KEEP_P_BYTES       # fp32 bytes of the P blocks
-        kept = []
-        for s, e, P in _attention_blocks(Q, K, mask, G):
-            torch.bmm(P, V[:, :e], out=Y[:, s * G:e * G])
+        kept, ctx.first_keys = [], []
+        for s, e, lo, P in _attention_blocks(Q, K, mask, G):
+            torch.bmm(P, V[:, lo:e], out=Y[:, s * G:e * G])
             if keep:
                 kept.append(P)
+                ctx.first_keys.append(lo)
         ctx.save_for_backward(Q, K, V, Y, mask, *kept)     # saved, not kept on ctx: checkpointing can drop them
         return _from_rows(Y, B, T).to(q.dtype)
 
@@ -214,16 +215,17 @@ class CausalAttention(torch.autograd.Function):
         delta = (dY * Y).sum(-1, keepdim=True)                           # rowsum(dy * y): (B*nkv, T*G, 1)
         dQ, dK, dV = torch.empty_like(Q), torch.zeros_like(K), torch.zeros_like(V)
         blocks = _attention_blocks(Q, K, mask, G)
-        if kept:            # a kept block P is (B*nkv, (e-s)*G, e): its queries s..e-1 follow from its shape
-            blocks = ((P.shape[2] - P.shape[1] // G, P.shape[2], P) for P in kept)
-        for s, e, P in blocks:
+        if kept:            # block n holds queries n*ATTN_BLOCK.. and keys first_keys[n]..
+            blocks = ((n * ATTN_BLOCK, min(T, (n + 1) * ATTN_BLOCK), lo, P)
+                      for n, (lo, P) in enumerate(zip(ctx.first_keys, kept)))
+        for s, e, lo, P in blocks:
             r = slice(s * G, e * G)
-            dV[:, :e].baddbmm_(P.transpose(1, 2), dY[:, r])
-            dS = torch.bmm(dY[:, r], V[:, :e].transpose(1, 2)).sub_(delta[:, r]).mul_(P)  # (B*nkv, (e-s)*G, e)
+            dV[:, lo:e].baddbmm_(P.transpose(1, 2), dY[:, r])
+            dS = torch.bmm(dY[:, r], V[:, lo:e].transpose(1, 2)).sub_(delta[:, r]).mul_(P)  # (B*nkv, (e-s)*G, e-lo)
             if want_q:
-                torch.bmm(dS, K[:, :e], out=dQ[:, r])
+                torch.bmm(dS, K[:, lo:e], out=dQ[:, r])
             if want_k:          # not in layer 0, whose keys come from frozen weights and embeddings
-                dK[:, :e].baddbmm_(dS.transpose(1, 2), Q[:, r])          # Q carries the scale already
+                dK[:, lo:e].baddbmm_(dS.transpose(1, 2), Q[:, r])        # Q carries the scale already
         dq = _from_rows(dQ.mul_(scale), B, T)
         return (dq.to(dy.dtype) if want_q else None, dK.view(B, nkv, T, hd).to(dy.dtype) if want_k else None,
                 dV.view(B, nkv, T, hd).to(dy.dtype), None)
@@ -251,8 +253,11 @@ def _from_rows(X: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 def _attention_blocks(Q, K, mask, G):
-    """Yield (s, e, P) per block of ATTN_BLOCK queries s..e-1: P = softmax over keys 0..e-1,
-    (B*nkv, (e-s)*G, e), with the mask (or the causal rule within the diagonal block) applied."""
+    """Yield (s, e, lo, P) per block of ATTN_BLOCK queries s..e-1: P = softmax over keys lo..e-1,
+    (B*nkv, (e-s)*G, e-lo), with the mask (or the causal rule within the diagonal block) applied.
+    lo is the first key that a row of the block may see: 0 for causal attention, far later for
+    a packed layout whose blocks see only themselves (recicl.py's blocks layout), which is what
+    keeps its cost linear in the pack's length."""
     Bk, TG, _ = Q.shape
     T = TG // G
     B = Bk if mask is None else mask.shape[0]
@@ -260,12 +265,13 @@ def _attention_blocks(Q, K, mask, G):
     future = blk[None, :] > blk.repeat_interleave(G)[:, None]          # (ATTN_BLOCK*G, ATTN_BLOCK): key after query
     for s in range(0, T, ATTN_BLOCK):
         e = min(s + ATTN_BLOCK, T)                                      # queries s..e-1 see keys 0..e-1 at most
-        S = torch.bmm(Q[:, s * G:e * G], K[:, :e].transpose(1, 2)).view(B, Bk // B, (e - s) * G, e)
+        lo = 0 if mask is None else int(mask[:, :, s:e, :e].any(2).any(1).any(0).int().argmax())
+        S = torch.bmm(Q[:, s * G:e * G], K[:, lo:e].transpose(1, 2)).view(B, Bk // B, (e - s) * G, e - lo)
         if mask is None:   # only the diagonal block has keys after some of its queries
             S[..., s:].masked_fill_(future[:(e - s) * G, :e - s], float("-inf"))
         else:
-            S.masked_fill_(~mask[:, :, s:e, :e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e)
-        yield s, e, torch.softmax(S, dim=-1).view(Bk, -1, e)
+            S.masked_fill_(~mask[:, :, s:e, lo:e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e-lo)
+        yield s, e, lo, torch.softmax(S, dim=-1).view(Bk, -1, e - lo)
 
 
 # ----------------------------------------------------------------------------- memory

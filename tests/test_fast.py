@@ -91,6 +91,36 @@ def test_lora_gradients_equal(tiny, targets):
         assert close(gb[name], ga[name], rel=1e-4), name
 
 
+def test_own_layout_gradients_equal(tiny):
+    """A packed layout (forward's pos and mask: blocks at positions of their own, readers at the
+    end) through CausalAttention's masked blocks, 150 tokens (several query blocks of 64): the
+    loss at the readers and every LoRA gradient against the plain path (SDPA)."""
+    owner = torch.cat([torch.full((n,), k) for k, n in enumerate((40, 33, 50, 27))])   # 150 tokens
+    T = len(owner)
+    mask = (owner[:, None] == owner[None, :]) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])
+    mask[T - 27:, :73] = True                       # the last block also reads the first two
+    pos = torch.cat([torch.arange(n) for n in (40, 33, 50, 27)])
+    idx = torch.randint(0, 300, (2, T), generator=torch.Generator().manual_seed(5))
+    at = torch.tensor([[T - 1, 39], [T - 2, 100]])
+    grads = []
+    for m in both_paths(tiny[0]):
+        torch.manual_seed(0)
+        lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for mod in lora.lora_modules(m).values():
+                mod.lora_B.weight.normal_(0, 0.05)
+        m.train()
+        h = m(idx, pos=pos.expand(2, -1), mask=mask.expand(2, 1, -1, -1), at=at)
+        loss = m.head(h).logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (la, ga), (lb, gb) = grads
+    assert close(lb, la)
+    for name in ga:
+        assert ga[name].abs().max() > 0, name
+        assert close(gb[name], ga[name], rel=1e-4), name
+
+
 def test_prefill_batch_caches_and_greedy_tokens_equal(tiny):
     plain, quick = both_paths(tiny[0])
     prompts = [[5, 9, 200, 17, 3, 44, 8], [7, 7, 150], list(range(20, 45))]
@@ -152,6 +182,7 @@ def test_real_model_paths_agree(default_dir):
     (3, 4, 2, 150, 16, "left", torch.float32, 2e-5),        # GQA, a ragged last block, left padding
     (2, 4, 4, 70, 8, "right", torch.float32, 2e-5),         # no GQA, right padding
     (2, 6, 2, 130, 32, "left", torch.bfloat16, 3e-2),
+    (2, 4, 2, 300, 16, "blocks", torch.float32, 2e-5),      # a packed layout: query blocks skip keys before them
 ])
 @pytest.mark.parametrize("keep_p", [True, False])
 def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep_p, monkeypatch):
@@ -170,6 +201,11 @@ def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep
         elif pads == "right":
             valid[b, T - 7 * b:] = False
     mask = llama.attention_mask(valid, None)
+    if pads == "blocks":            # blocks of 70 see themselves; the last 20 rows read everything
+        owner = torch.arange(T) // 70
+        mask = ((owner[:, None] == owner[None, :]) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None]))
+        mask[-20:] = torch.ones(20, T, dtype=torch.bool).tril(T - 20)
+        mask = mask.expand(B, 1, T, T)
     assert (mask is None) == (pads is None)
     ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     y_ours = fast.CausalAttention.apply(*ours, mask)
