@@ -26,6 +26,7 @@ oldest demonstrations, never the query's item (at 512 every eval prompt of the d
 all the demonstrations its user has, and on average 7.2 of 8.8 query history titles). Flags take every part to the paper's full size.
 """
 import argparse
+import json
 import math
 import os
 import random
@@ -117,6 +118,128 @@ def answer_ids(tok: Tokenizer) -> list:
     return [yes[0], no[0]]
 
 
+# ----------------------------------------------------------------------------- blocks layout
+
+# --layout blocks: the prompt's text is the same blocks without the system line, but every block
+# (a demonstration, or the query up to its answer cue) is encoded on its own at positions 0..,
+# and only the query's answer cue reads the demonstrations, as a set (the parallel context
+# windows of Ratner et al., ACL 2023, arXiv 2212.10947). A block's keys and values then do not
+# depend on the prompt that holds it, so training packs a user's consecutive samples into one
+# sequence, each rendered once, with a reader (a copy of its cue) per sample: about K + 1 times
+# fewer tokens than one prompt per sample, with the same logits (tests/test_recicl.py).
+
+BODY, TAIL, READ = 0, 1, 2     # token kinds: a block up to its cue; the cue and answer; a reader
+CUE = "\nAnswer:"
+
+
+def block_mask(owner: torch.Tensor, kind: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+    """Who attends to whom in the blocks layout: (T, T) bool, token t sees token s iff
+      - t and s are in one sample's block (BODY or TAIL) and s <= t: a block is encoded alone;
+      - t reads for sample a (READ) and s is in a block of a demonstration of a, or in a's own
+        BODY (not its TAIL, which holds the answer), or is a reader token of a with s <= t.
+    owner (T,): the sample of each token, an index into sees (-1: padding); kind (T,): BODY,
+    TAIL or READ; sees (n, n): sees[a, b] = sample b is a demonstration of sample a.
+    Every token sees itself (padding only itself)."""
+    T = owner.shape[0]
+    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]
+    real = owner >= 0
+    same = (owner[:, None] == owner[None, :]) & real[:, None]
+    demo = sees[owner.clamp(min=0)[:, None], owner.clamp(min=0)[None, :]] & real[:, None] & real[None, :]
+    reader, in_block = kind[:, None] == READ, kind[None, :] != READ
+    block_rule = same & causal & ~reader & in_block
+    read_rule = reader & ((demo & in_block) | (same & (kind[None, :] == BODY)) | (same & ~in_block & causal))
+    return block_rule | read_rule | torch.eye(T, dtype=torch.bool)
+
+
+class BlockPrompter:
+    """Sequences of the blocks layout. One rendering per sample: the block of `block` with
+    `demo_history` liked titles, split into BODY (up to the cue) and TAIL (cue and answer)."""
+
+    def __init__(self, d: data.Data, samples: list, tok: Tokenizer, k_demos: int, demo_history: int, max_len: int):
+        self.d, self.samples, self.tok = d, samples, tok
+        self.k, self.demo_history, self.max_len = k_demos, demo_history, max_len
+        self.cue = tok.encode(CUE, bos=False)
+        self._parts = {}                 # sample index -> (body ids, tail ids)
+
+    def demos(self, s: data.Sample) -> list:
+        return [self.samples[j] for j in s.demo_idx[-self.k:]] if self.k else []
+
+    def parts(self, s: data.Sample) -> tuple[list, list]:
+        if s.idx not in self._parts:
+            hist = s.history[-self.demo_history:] if self.demo_history else []
+            text = block([self.d.titles[i] for i in hist], self.d.titles[s.item])
+            body = text[:-len(CUE)]
+            if not text.endswith(CUE):
+                raise ValueError(f"a block must end in the cue {CUE!r}")
+            answer = " Yes\n\n" if s.label else " No\n\n"
+            self._parts[s.idx] = self.tok.encode(body), self.cue + self.tok.encode(answer, bos=False)
+        return self._parts[s.idx]
+
+    def render(self, s: data.Sample) -> tuple[str, list]:
+        """(text of sample s's prompt, its demonstrations): the Prompter interface."""
+        shown = self.demos(s)
+        return "".join(self.tok.decode(sum(self.parts(x), [])) for x in shown) + self.tok.decode(self.parts(s)[0]) + CUE, shown
+
+    def sequence(self, readers: list, whole_blocks: bool) -> dict:
+        """One sequence: blocks, then a reader (the cue, at the positions that follow its body)
+        for each sample of `readers`. whole_blocks=False: one prompt, the demonstrations'
+        blocks and the reader's BODY (readers = [s]); True: a pack, the whole blocks of the
+        readers and of their demonstrations, in sample order, each once.
+        Returns ids, pos, owner, kind (T,), the mask (T, T), `read_at` (the slot of each
+        reader's last token, which predicts its answer) and `labels`."""
+        demos = {s.idx: self.demos(s) for s in readers}
+        if whole_blocks:
+            blocks = sorted({x.idx: x for s in readers for x in [s] + demos[s.idx]}.values(), key=lambda x: x.idx)
+            pieces = [(x, ids, kind) for x in blocks for ids, kind in zip(self.parts(x), (BODY, TAIL))]
+        else:
+            (s,) = readers
+            pieces = [(x, ids, kind) for x in demos[s.idx] for ids, kind in zip(self.parts(x), (BODY, TAIL))]
+            pieces.append((s, self.parts(s)[0], BODY))
+        owners = {idx: n for n, idx in enumerate(dict.fromkeys(x.idx for x, _, _ in pieces))}
+        ids, pos, owner, kind, read_at = [], [], [], [], []
+        for x, part, k in pieces:
+            start = 0 if k == BODY else len(self.parts(x)[0])
+            ids += part
+            pos += range(start, start + len(part))
+            owner += [owners[x.idx]] * len(part)
+            kind += [k] * len(part)
+        for s in readers:
+            start = len(self.parts(s)[0])
+            ids += self.cue
+            pos += range(start, start + len(self.cue))
+            owner += [owners[s.idx]] * len(self.cue)
+            kind += [READ] * len(self.cue)
+            read_at.append(len(ids) - 1)
+        if len(ids) > self.max_len:
+            raise ValueError(f"a blocks-layout sequence of {len(ids)} tokens exceeds {self.max_len} (fewer samples per pack?)")
+        sees = torch.zeros(len(owners), len(owners), dtype=torch.bool)
+        for s in readers:
+            for x in demos[s.idx]:
+                sees[owners[s.idx], owners[x.idx]] = True
+        owner_t, kind_t = torch.tensor(owner), torch.tensor(kind)
+        mask = block_mask(owner_t, kind_t, sees)
+        if (mask & ~torch.ones_like(mask).tril()).any():
+            raise AssertionError("blocks layout: a token reads a later one (pieces out of order)")
+        return {"ids": torch.tensor(ids), "pos": torch.tensor(pos), "owner": owner_t, "kind": kind_t, "mask": mask,
+                "read_at": read_at, "labels": [s.label for s in readers]}
+
+
+def blocks_logits(model, seqs: list, ans: list) -> torch.Tensor:
+    """(N, 2) fp32 logits of [Yes, No] at every reader of the sequences (in order), batched with
+    right padding (a pad token sees only itself); differentiable."""
+    B, T, n = len(seqs), max(len(q["ids"]) for q in seqs), max(len(q["read_at"]) for q in seqs)
+    idx, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1, 1)                       # (B, 1, T, T)
+    at, real = torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.bool)
+    for b, q in enumerate(seqs):
+        t, r = len(q["ids"]), len(q["read_at"])
+        idx[b, :t], pos[b, :t], mask[b, 0, :t, :t] = q["ids"], q["pos"], q["mask"]
+        at[b, :r], real[b, :r] = torch.tensor(q["read_at"]), True
+    dev = generate.model_device(model)
+    h = model(idx.to(dev), pos=pos.to(dev), mask=mask.to(dev), at=at.to(dev))    # (B, n, D)
+    return model.head(h[real.to(dev)], torch.tensor(ans, device=dev))
+
+
 # ----------------------------------------------------------------------------- scoring and loss
 
 def yes_no_logits(model, rows_ids: list, ans: list) -> torch.Tensor:
@@ -130,21 +253,34 @@ def yes_no_logits(model, rows_ids: list, ans: list) -> torch.Tensor:
 def score(model, prompter: Prompter, samples: list, ans: list, batch_size: int = 8, log=None) -> np.ndarray:
     """logit(Yes) - logit(No) for each sample. Prompts are batched in order of length (less
     padding); the scores come back in the samples' order."""
-    ids = [prompter.ids(x) for x in samples]
-    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
+    blocks = isinstance(prompter, BlockPrompter)
+    ids = [prompter.sequence([x], whole_blocks=False) if blocks else prompter.ids(x) for x in samples]
+    order = sorted(range(len(ids)), key=lambda k: len(ids[k]["ids"] if blocks else ids[k]))
     out, t0 = np.zeros(len(ids), dtype=np.float32), time.time()
     model.eval()
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            lg = yes_no_logits(model, [ids[k] for k in chunk], ans)
+            logits_fn = blocks_logits if blocks else yes_no_logits
+            lg = logits_fn(model, [ids[k] for k in chunk], ans)
             out[chunk] = (lg[:, 0] - lg[:, 1]).numpy()
             if log and (s // batch_size) % 10 == 0:
                 log(f"  scored {min(s + batch_size, len(ids))}/{len(ids)} ({time.time() - t0:.0f}s)")
     return out
 
 
-def make_loss_fn(prompter: Prompter, ans: list):
+def make_loss_fn(prompter, ans: list):
+    """loss_fn(model, batch) for trainer.train: the two-way cross-entropy of each sample's
+    answer. Examples are samples, or with a BlockPrompter, packs (lists of samples)."""
+    if isinstance(prompter, BlockPrompter):
+        def blocks_loss_fn(model, batch):
+            seqs = [prompter.sequence(x, whole_blocks=True) if isinstance(x, list) else
+                    prompter.sequence([x], whole_blocks=False) for x in batch]
+            lg = blocks_logits(model, seqs, ans)
+            target = torch.tensor([1 - y for q in seqs for y in q["labels"]], device=lg.device)  # 0 = Yes
+            return torch.nn.functional.cross_entropy(lg, target), sum(len(q["ids"]) for q in seqs)
+        return blocks_loss_fn
+
     def loss_fn(model, batch):
         ids = [prompter.ids(s) for s in batch]
         lg = yes_no_logits(model, ids, ans)                                          # (b, 2)
@@ -170,6 +306,9 @@ def add_common(p):
     p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
+    p.add_argument("--layout", choices=("causal", "blocks"), default="causal", help="causal: the paper's prompt, one "
+                   "causal sequence; blocks: each block encoded alone, only the answer cue reads the demonstrations, "
+                   "which lets training pack a user's samples (--pack); train and eval must use the same layout")
 
 
 def add_train_args(p):
@@ -177,7 +316,10 @@ def add_train_args(p):
     p.add_argument("--val-samples", type=trainer.count(1), default=96, help="held-out samples of the last training period")
     p.add_argument("--epochs", type=trainer.real(0, low_open=True), default=1.0)
     p.add_argument("--steps", type=trainer.count(0), default=0, help="optimizer steps (default: from samples and epochs)")
-    trainer.add_args(p, batch_size=8, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl or OUT/nodemo")
+    p.add_argument("--pack", type=trainer.count(0), default=16, help="--layout blocks: samples per packed training "
+                   "sequence (a user's consecutive samples; 0 = one prompt per sample)")
+    trainer.add_args(p, batch_size=None, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl or OUT/nodemo",
+                     batch_help="examples per optimizer step: prompts (default 8), or packs with --layout blocks (default 1)")
 
 
 def setup(a, log):
@@ -187,9 +329,15 @@ def setup(a, log):
     if a.prompt_budget > model.args.max_seq_len:
         raise ValueError(f"--prompt-budget {a.prompt_budget} exceeds the model's context of {model.args.max_seq_len} tokens")
     ans = answer_ids(tok)
-    prompter = Prompter(d, samples, tok, a.k_demos, a.demo_history, a.prompt_budget)
+    prompter = make_prompter(a, d, samples, tok, model, a.k_demos)
     log(f"[recicl] {len(samples)} samples; answer ids {ans}; K={a.k_demos}, budget {a.prompt_budget} tokens")
     return d, samples, model, tok, ans, prompter
+
+
+def make_prompter(a, d, samples, tok, model, k_demos: int):
+    if a.layout == "blocks":
+        return BlockPrompter(d, samples, tok, k_demos, a.demo_history, model.args.max_seq_len)
+    return Prompter(d, samples, tok, k_demos, a.demo_history, a.prompt_budget)
 
 
 def run_name(k_demos: int) -> str:
@@ -202,16 +350,39 @@ def log_fn(s):
 
 # ----------------------------------------------------------------------------- train
 
-def split_for_training(samples, pool_periods: int, n_train: int, n_val: int, seed: int) -> tuple[list, list]:
+def split_for_training(samples, pool_periods: int, n_train: int, n_val: int, seed: int,
+                       whole_users: bool = False) -> tuple[list, list]:
     """(training samples, validation samples) from the periods before pool_periods: n_val held
-    out of the last of them (at most half of it), then n_train drawn from the rest (0 = all)."""
+    out of the last of them (at most half of it), then n_train drawn from the rest (0 = all):
+    at random, or with whole_users the samples of users taken in random order (the last one
+    cut), so that packs hold consecutive samples."""
     rng = random.Random(seed)
     pool = [s for s in samples if s.period < pool_periods]
     last = [s for s in pool if s.period == pool_periods - 1]
     val = rng.sample(last, min(n_val, len(last) // 2))
     val_ids = {s.idx for s in val}
     rest = [s for s in pool if s.idx not in val_ids]
-    return (rng.sample(rest, min(n_train, len(rest))) if n_train else rest), val
+    if not n_train:
+        return rest, val
+    if not whole_users:
+        return rng.sample(rest, min(n_train, len(rest))), val
+    by_user = defaultdict(list)
+    for s in rest:
+        by_user[s.user].append(s)
+    picked = []
+    for u in rng.sample(sorted(by_user), len(by_user)):
+        picked += by_user[u][:n_train - len(picked)]
+        if len(picked) == n_train:
+            break
+    return picked, val
+
+
+def packs(train_set: list, size: int) -> list:
+    """The training samples as packs: each user's samples in time order, `size` at a time."""
+    by_user = defaultdict(list)
+    for s in sorted(train_set, key=lambda s: s.idx):
+        by_user[s.user].append(s)
+    return [run[k:k + size] for run in by_user.values() for k in range(0, len(run), size)]
 
 
 def train_adapter(model, prompter, ans, train_set, val, cfg, lora_spec: dict, resume: bool, run_config: dict,
@@ -227,13 +398,28 @@ def train_adapter(model, prompter, ans, train_set, val, cfg, lora_spec: dict, re
 
 def tune(a, samples, model, prompter, ans, pool_periods: int, out_dir: str) -> dict:
     """train_adapter with the command line's settings, on samples of the periods < pool_periods."""
-    train_set, val = split_for_training(samples, pool_periods, a.train_samples, a.val_samples, a.seed)
-    steps = a.steps or math.ceil(len(train_set) * a.epochs / a.batch_size)
-    log_fn(f"[recicl] training on {len(train_set)} samples from D0..D{pool_periods - 1}, {steps} steps; "
+    blocks = isinstance(prompter, BlockPrompter)
+    train_set, val = split_for_training(samples, pool_periods, a.train_samples, a.val_samples, a.seed, whole_users=blocks)
+    examples = packs(train_set, a.pack) if blocks and a.pack else train_set
+    steps = a.steps or math.ceil(len(examples) * a.epochs / a.batch_size)
+    log_fn(f"[recicl] training on {len(train_set)} samples from D0..D{pool_periods - 1}"
+           f"{f' in {len(examples)} packs' if examples is not train_set else ''}, {steps} steps of {a.batch_size}; "
            f"validating on {len(val)} held-out samples of D{pool_periods - 1}")
-    run_config = {"method": "recicl", "args": vars(a), "train_samples": len(train_set), "val_samples": len(val)}
-    return train_adapter(model, prompter, ans, train_set, val, trainer.config_from_args(a, out_dir, steps),
+    run_config = {"method": "recicl", "args": vars(a), "train_samples": len(train_set), "val_samples": len(val),
+                  "examples": len(examples)}
+    return train_adapter(model, prompter, ans, examples, val, trainer.config_from_args(a, out_dir, steps),
                          trainer.lora_from_args(a), a.resume, run_config, a.model or "SmolLM2-135M-Instruct")
+
+
+def check_layout(run_dir: str, layout: str):
+    """An adapter is scored in the prompt layout it was tuned in."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    tuned = "causal"
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            tuned = json.load(f).get("args", {}).get("layout", "causal")
+    if tuned != layout:
+        raise ValueError(f"the adapter in {run_dir} was tuned with --layout {tuned}; this run has --layout {layout}")
 
 
 def tuned_model(adapter: str, model_dir: str | None, dtype, plain: bool):
@@ -353,7 +539,7 @@ def cmd_eval(a):
     t0 = time.time()
     d, samples, model, tok, ans, _ = setup(a, log_fn)
     rows = eval_rows(samples, range(a.train_periods, a.periods), a.eval_samples, a.rows_per_user, a.seed)
-    prompters = {k: Prompter(d, samples, tok, k, a.demo_history, a.prompt_budget) for k in (0, a.k_demos)}
+    prompters = {k: make_prompter(a, d, samples, tok, model, k) for k in (0, a.k_demos)}
     llm, shown = {}, {}
     for name, adapter, icl in LLM_METHODS:
         if name in ICL_ABLATION and not a.icl_ablation:
@@ -365,6 +551,7 @@ def cmd_eval(a):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
+            check_layout(os.path.join(a.out, adapter), a.layout)
             m = tuned_model(path, a.model, a.dtype, a.plain)
         llm[name] = {}
         for p, rs in rows.items():
@@ -453,6 +640,8 @@ def report(results, diffs, best, a, elapsed):
 # ----------------------------------------------------------------------------- recommend
 
 def cmd_recommend(a):
+    if a.layout != "causal":
+        sys.exit("error: recommend ranks with the causal layout only (score blocks-layout adapters with eval)")
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
     path = trainer.adapter_dir(os.path.join(a.out, run_name(a.k_demos)))
     if os.path.exists(os.path.join(path, "adapter_config.json")):
@@ -538,6 +727,8 @@ def main(argv=None):
     r.add_argument("--top", type=trainer.count(1), default=10)
     r.add_argument("--batch-size", type=trainer.count(1), default=32)
     a = p.parse_args(argv)
+    if getattr(a, "batch_size", 0) is None:
+        a.batch_size = 1 if a.layout == "blocks" and a.pack else 8
     if a.train_periods >= a.periods:
         p.error(f"--train-periods {a.train_periods} must be below --periods {a.periods} (the rest are test periods)")
     torch.manual_seed(a.seed)

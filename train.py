@@ -77,10 +77,12 @@ def real(low: float, high: float = math.inf, low_open: bool = False, high_open: 
     return parse
 
 
-def add_args(p, batch_size: int, lr: float, lora_r: int, lora_dropout: float, resume_from: str, lr_help: str = ""):
+def add_args(p, batch_size: int | None, lr: float, lora_r: int, lora_dropout: float, resume_from: str, lr_help: str = "",
+             batch_help: str = ""):
     """The command-line flags of this loop and of the LoRA it trains (recicl.py and adaptrec.py);
-    the defaults that differ between the methods are arguments."""
-    p.add_argument("--batch-size", type=count(1), default=batch_size)
+    the defaults that differ between the methods are arguments (batch_size None: the caller
+    sets it after parsing)."""
+    p.add_argument("--batch-size", type=count(1), default=batch_size, help=batch_help or None)
     p.add_argument("--micro-batch", type=count(1), default=1, help="examples per forward (1 is fastest on CPU: no padding)")
     p.add_argument("--lr", type=real(0, low_open=True), default=lr, help=lr_help or None)
     p.add_argument("--lora-r", type=count(1), default=lora_r)

@@ -11,6 +11,7 @@ import data
 import generate
 import model as llama
 from tokenizer import Tokenizer, load_tokenizer
+import lora
 import recicl
 
 
@@ -199,3 +200,115 @@ def test_demo_like_rate_reads_the_demonstrations_the_prompt_shows(setup_dirs):
                                  seed=0, log=lambda m: None)
     likes = sum(x.label for x in kept)
     assert ctrl["DemoLikeRate"][s.period][0] == pytest.approx((likes + 0.5) / 3)
+
+
+# ----------------------------------------------------------------------------- blocks layout
+
+def test_block_mask_by_hand():
+    """Sample 0's block (body 2 tokens, tail 1), sample 1's block (body 1, tail 1), then a
+    reader of sample 1, whose one demonstration is sample 0. Written out by hand."""
+    B, T, R = recicl.BODY, recicl.TAIL, recicl.READ
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+    kind = torch.tensor([B, B, T, B, T, R])
+    sees = torch.tensor([[False, False], [True, False]])
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],       # block 0, causal within itself
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0],       # block 1 does not see block 0
+                             [0, 0, 0, 1, 1, 0],
+                             [1, 1, 1, 1, 0, 1]],      # the reader: all of its demo, its own body, itself
+                            dtype=torch.bool)
+    assert torch.equal(recicl.block_mask(owner, kind, sees), expected)
+    padded = recicl.block_mask(torch.tensor([0, -1]), torch.tensor([B, B]), torch.zeros(1, 1, dtype=torch.bool))
+    assert torch.equal(padded, torch.eye(2, dtype=torch.bool))      # a pad sees only itself, nobody sees it
+
+
+def tied_movielens(path, n_users=6, per_user=30, seed=1):
+    """Timestamps from a narrow range: many samples of a user share one, and so their demonstrations."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "u.data"), "w") as f:
+        for u in range(1, n_users + 1):
+            for i in rng.choice(40, per_user, replace=False) + 1:
+                f.write(f"{u}\t{i}\t{rng.integers(1, 6)}\t{rng.integers(1000, 1012)}\n")
+    with open(os.path.join(path, "u.item"), "w", encoding="latin-1") as f:
+        for i in range(1, 41):
+            f.write(f"{i}|Movie {i} ({1950 + i})|01-Jan-1995|x\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain", "fast"])
+def test_packed_sequence_equals_one_prompt_per_sample(tmp_path, plain):
+    """The claim that makes packing exact: a pack of a user's consecutive samples gives every
+    sample the logits, loss and LoRA gradients of its own prompt (its K demonstrations' blocks,
+    its body, its cue), including samples that share a timestamp and so their demonstrations."""
+    from conftest import make_tiny_dir
+    make_tiny_dir(tmp_path / "tiny", tie=True, max_position_embeddings=4096)
+    m, tok = generate.load_model(str(tmp_path / "tiny"), plain=plain)
+    d = data.load(tied_movielens(tmp_path / "ml"), verbose=False)
+    samples = data.recicl_samples(d, k_demos=4)
+    bp = recicl.BlockPrompter(d, samples, tok, 4, 3, m.args.max_seq_len)
+    run = [s for s in samples if s.user == 2][5:13]
+    assert any(a.demo_idx == b.demo_idx for a, b in zip(run, run[1:]))           # ties are in the pack
+    assert any(a.idx not in b.demo_idx for a, b in zip(run, run[1:]))
+    ans = recicl.answer_ids(tok)
+    lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for mod in lora.lora_modules(m).values():
+            mod.lora_B.weight.normal_(0, 0.05)
+    m.train()
+    loss_fn = recicl.make_loss_fn(bp, ans)
+    results = []
+    for batch in ([run], run):                       # one pack; one prompt per sample
+        m.zero_grad()
+        loss, n_tok = loss_fn(m, batch)
+        loss.backward()
+        results.append((loss.item(), n_tok, {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (packed, packed_tok, g1), (single, single_tok, g2) = results
+    assert abs(packed - single) < 1e-5 and packed > 0.1
+    for name in g1:
+        assert g1[name].abs().max() > 0 and torch.allclose(g1[name], g2[name], atol=1e-5, rtol=1e-4), name
+    assert single_tok > 2.5 * packed_tok                  # what packing saves
+    with torch.no_grad():                                # scoring (one prompt per sample) agrees with the pack
+        lg = recicl.blocks_logits(m, [bp.sequence(run, whole_blocks=True)], ans)
+        scores = recicl.score(m, bp, run, ans, batch_size=3)
+    assert np.allclose((lg[:, 0] - lg[:, 1]).numpy(), scores, atol=1e-4)
+
+
+def test_a_blocks_prompt_reads_its_demonstrations_as_a_set(setup_dirs):
+    """In the blocks layout a demonstration's block is encoded alone: reordering the
+    demonstrations leaves the score unchanged, changing a demonstration's answer changes it,
+    and the query's body does not see the demonstrations (only its cue does)."""
+    model_dir, ds, _ = setup_dirs
+    m, tok = generate.load_model(model_dir, plain=True)
+    d = data.load(ds, verbose=False)
+    samples = data.recicl_samples(d, k_demos=4)
+    bp = recicl.BlockPrompter(d, samples, tok, 4, 3, m.args.max_seq_len)
+    ans = recicl.answer_ids(tok)
+    s = next(x for x in samples if len(x.demo_idx) == 4)
+    q = bp.sequence([s], whole_blocks=False)
+    body = (q["kind"] == recicl.BODY) & (q["owner"] == q["owner"][-1])
+    assert not q["mask"][body][:, ~body].any()                       # the query's body reads only itself
+    with torch.no_grad():
+        base = recicl.score(m, bp, [s], ans)[0]
+        s.demo_idx[:] = s.demo_idx[::-1]
+        assert abs(recicl.score(m, bp, [s], ans)[0] - base) < 1e-4
+        flipped = samples[s.demo_idx[0]]
+        flipped.label = 1 - flipped.label
+        bp._parts.clear()
+        assert abs(recicl.score(m, bp, [s], ans)[0] - base) > 1e-4
+
+
+def test_blocks_layout_trains_packed_and_eval_checks_the_layout(setup_dirs):
+    model, ds, out = setup_dirs
+    small = ["--train-samples", "12", "--val-samples", "4", "--steps", "2", "--save-every", "1", "--layout", "blocks",
+             "--pack", "3", "--demos", "2"]
+    recicl.main(["train"] + common(model, ds, out) + small)
+    cfg = json.load(open(os.path.join(out, "icl", "config.json")))
+    assert cfg["train_samples"] == 12 and cfg["examples"] >= 4 and cfg["train"]["batch_size"] == 1
+    recicl.main(["eval", "--eval-samples", "6", "--rows-per-user", "3"] + common(model, ds, out) + small)
+    res = json.load(open(os.path.join(out, "results.json")))
+    recicl_rows = [r for r in res["rows"] if r["method"] == "RecICL"]
+    assert len(recicl_rows) == 5 and all(r["demos_shown"] == r["demos_available"] for r in recicl_rows)
+    with pytest.raises(SystemExit, match="tuned with --layout blocks"):
+        recicl.main(["eval", "--eval-samples", "6", "--demos", "2"] + common(model, ds, out))
