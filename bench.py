@@ -3,6 +3,7 @@ transformers, and against the plain model.py path, measured in the same run.
 
     python bench.py [--model DIR] [--runs 7] [--only prefill,decode,long,memory,bf16,lora]
     python bench.py --only lora,decode --without fused      # what one fast.py trick buys
+    python bench.py --only packed                           # RecICL packed training vs one prompt per sample
 
 Prints one JSON object per line:
   {"bench": NAME, "ours": MEDIAN, "peer": MEDIAN, "plain": MEDIAN, "unit": "s",
@@ -33,6 +34,9 @@ directory, same token ids; outputs are compared before timing.
                      worker's size before loading the model (weights + activations + state);
                      lora_step_512_kernels: one profiled step per side, seconds in GEMM and
                      attention kernels, and the ratio ceiling those kernels leave (see kernel_seconds)
+  recicl_packed_step one LoRA training step on the same 16 samples in recicl.py's blocks layout,
+                     packed into one sequence ("ours") against one prompt per sample ("peer");
+                     not in the default --only (it loads MovieLens-100K)
 """
 import argparse
 import json
@@ -123,6 +127,50 @@ def lora_worker(side: str, model_dir: str, without=()):
         print(json.dumps({"t": time.perf_counter() - t0, "out": out, "peak": peak}), flush=True)
 
 
+PACK = 16      # samples in the packed-training benchmark
+
+
+def packed_worker(side: str, model_dir: str):
+    """RecICL training in the blocks layout, one LoRA step (r 8 on q_proj, v_proj, dropout 0,
+    AdamW) over the same PACK consecutive samples of one MovieLens-100K user (K = 4, 3 liked
+    titles per block): side "packed" as one packed sequence, side "single" as one prompt per
+    sample (a micro-batch of 1 each, gradients summed, as the trainer's default does)."""
+    import torch
+    import data
+    import fast
+    import lora
+    import recicl
+    from tokenizer import load_tokenizer
+    m = fast.load(model_dir)
+    tok = load_tokenizer(model_dir, m.args)
+    d = data.load(verbose=False)
+    samples = data.recicl_samples(d, 10, 4.0, k_demos=4, max_history=10)
+    user = next(u for u in range(len(d.user_ids)) if sum(s.user == u and s.period < 5 for s in samples) >= 40 + PACK)
+    run = [s for s in samples if s.user == user and s.period < 5][40:40 + PACK]
+    bp = recicl.BlockPrompter(d, samples, tok, 4, 3, m.args.max_seq_len)
+    loss_fn = recicl.make_loss_fn(bp, recicl.answer_ids(tok))
+    torch.manual_seed(0)
+    lora.inject(m, ("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0)
+    opt = torch.optim.AdamW(lora.lora_parameters(m), lr=1e-4)
+    m.train()
+    batches = [[run]] if side == "packed" else [[s] for s in run]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for b in batches:
+            loss, n = loss_fn(m, b)
+            (loss / len(batches)).backward()
+            total, tokens = total + loss.item() / len(batches), tokens + n
+        opt.step()
+        return [round(total, 4), tokens]
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        out = step()
+        print(json.dumps({"t": time.perf_counter() - t0, "out": out[0], "tokens": out[1]}), flush=True)
+
+
 def kernel_seconds(step) -> dict:
     """Seconds of one profiled step spent inside the matrix-product kernels (aten::mm, addmm, bmm
     and their in-place forms; our attention backward is made of these) and torch's attention
@@ -145,6 +193,8 @@ def worker(side: str, model_dir: str, dtype: str, without=()):
     import torch
     if side.endswith("-lora"):
         return lora_worker(side[:-5], model_dir, without)
+    if side in ("packed", "single"):
+        return packed_worker(side, model_dir)
     if side in ("ours", "plain"):
         import generate
         import model as llama
@@ -288,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="HF Llama directory (default: the default model)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--only", default="prefill,decode,long,memory,bf16,lora")
-    ap.add_argument("--worker", choices=["ours", "plain", "peer", "ours-lora", "plain-lora", "peer-lora"],
+    ap.add_argument("--worker", choices=["ours", "plain", "peer", "ours-lora", "plain-lora", "peer-lora", "packed", "single"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, column-major, "
@@ -342,6 +392,14 @@ def main(argv=None):
                                   "step spends in GEMM and attention kernels: the ratio no stack reaches without "
                                   "doing fewer or faster products than ours"}), flush=True)
         ours.close(), peer.close()
+    if "packed" in which:
+        packed, single = Worker("packed", model_dir), Worker("single", model_dir)
+        tokens = [packed("step")["tokens"], single("step")["tokens"]]
+        compare("recicl_packed_step", packed, single, "step", "step", a.runs, tokens_packed=tokens[0],
+                tokens_single=tokens[1], note=f"ours = {PACK} samples as one packed sequence, peer = the same samples "
+                "as one prompt each (--layout blocks --pack 0); ratio = samples per hour packed / one prompt each; "
+                "same_output compares the first step's mean loss (4 decimals)")
+        packed.close(), single.close()
 
 
 if __name__ == "__main__":
