@@ -445,10 +445,20 @@ def cmd_train(a):
 # Base and no-demo models given demonstrations at test time are the paper's motivating rows (a
 # model tuned without ICL-format samples loses the ability to use demonstrations); each costs
 # as much as the RecICL row, so they run with --icl-ablation.
-LLM_METHODS = [("zero-shot (base)", None, False), ("base + ICL", None, True),
-               ("TALLRec (no-demo tuned)", "nodemo", False), ("TALLRec + ICL", "nodemo", True),
-               ("RecICL", "icl", True)]
-ICL_ABLATION = ("base + ICL", "TALLRec + ICL")
+# --methods picks them by key; the default leaves out the two ICL_ABLATION rows.
+LLM_METHODS = {"zero-shot": ("zero-shot (base)", None, False), "base-icl": ("base + ICL", None, True),
+               "tallrec": ("TALLRec (no-demo tuned)", "nodemo", False), "tallrec-icl": ("TALLRec + ICL", "nodemo", True),
+               "recicl": ("RecICL", "icl", True)}
+ICL_ABLATION = ("base-icl", "tallrec-icl")
+
+
+def method_keys(text: str) -> list:
+    """--methods: a comma-separated subset of LLM_METHODS' keys (argparse type)."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in LLM_METHODS]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(f"unknown method {bad[0] if bad else text!r}; choose from {', '.join(LLM_METHODS)}")
+    return keys
 
 
 def eval_rows(samples, test_periods, n_rows: int, rows_per_user: int, seed: int) -> dict:
@@ -541,9 +551,8 @@ def cmd_eval(a):
     rows = eval_rows(samples, range(a.train_periods, a.periods), a.eval_samples, a.rows_per_user, a.seed)
     prompters = {k: make_prompter(a, d, samples, tok, model, k) for k in (0, a.k_demos)}
     llm, shown = {}, {}
-    for name, adapter, icl in LLM_METHODS:
-        if name in ICL_ABLATION and not a.icl_ablation:
-            continue
+    keys = a.methods or [k for k in LLM_METHODS if a.icl_ablation or k not in ICL_ABLATION]
+    for name, adapter, icl in (LLM_METHODS[k] for k in keys):
         m, prompter = model, prompters[a.k_demos if icl else 0]
         if adapter is not None:
             path = trainer.adapter_dir(os.path.join(a.out, adapter))
@@ -716,6 +725,8 @@ def main(argv=None):
     e.add_argument("--score-batch", type=trainer.count(1), default=8, help="prompts per forward when scoring")
     e.add_argument("--icl-ablation", action="store_true", help="also score the base model and the no-demo tuned "
                    "model with the K demonstrations (the paper's motivating rows; each as slow as the RecICL row)")
+    e.add_argument("--methods", type=method_keys, default=None, help="the LLM rows to score, comma-separated, from "
+                   f"{', '.join(LLM_METHODS)} (default: all but {' and '.join(ICL_ABLATION)}, which --icl-ablation adds)")
     e.add_argument("--update", action="store_true", help="also tune adapters through D(t-1) for each test period t "
                    "and report PDM (slow: one training run per period)")
     r = sub.add_parser("recommend", help="rank candidate items for a user with their latest feedback in the prompt")

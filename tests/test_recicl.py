@@ -50,7 +50,7 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     recicl.main(["eval", "--eval-samples", "12", "--rows-per-user", "4", "--update", "--icl-ablation"] + small + common(model, ds, out))
     res = json.load(open(os.path.join(out, "results.json")))
     methods = {r["method"] for r in res["rows"]}
-    llm = {name for name, _, _ in recicl.LLM_METHODS} | {recicl.UPDATED}
+    llm = {name for name, _, _ in recicl.LLM_METHODS.values()} | {recicl.UPDATED}
     controls = {"DemoLikeRate", "UserLikeRate", "ItemLikeRate (t)", "LogReg", "MF", "Pop", "ItemLikeRate"}
     assert llm | controls == methods
     auc_rows = [r for r in res["rows"] if r["method"] != recicl.UPDATED]
@@ -306,9 +306,16 @@ def test_blocks_layout_trains_packed_and_eval_checks_the_layout(setup_dirs):
     recicl.main(["train"] + common(model, ds, out) + small)
     cfg = json.load(open(os.path.join(out, "icl", "config.json")))
     assert cfg["train_samples"] == 12 and cfg["examples"] >= 4 and cfg["train"]["batch_size"] == 1
-    recicl.main(["eval", "--eval-samples", "6", "--rows-per-user", "3"] + common(model, ds, out) + small)
+    recicl.main(["eval", "--eval-samples", "6", "--rows-per-user", "3", "--methods", "recicl"] + common(model, ds, out) + small)
     res = json.load(open(os.path.join(out, "results.json")))
+    assert {r["method"] for r in res["rows"] if r["kind"] == "llm"} == {"RecICL"}      # --methods: only that row
     recicl_rows = [r for r in res["rows"] if r["method"] == "RecICL"]
     assert len(recicl_rows) == 5 and all(r["demos_shown"] == r["demos_available"] for r in recicl_rows)
     with pytest.raises(SystemExit, match="tuned with --layout blocks"):
         recicl.main(["eval", "--eval-samples", "6", "--demos", "2"] + common(model, ds, out))
+
+
+def test_methods_flag_names_its_choices():
+    assert recicl.method_keys("recicl, zero-shot") == ["recicl", "zero-shot"]
+    with pytest.raises(Exception, match="unknown method 'recicll'; choose from zero-shot"):
+        recicl.method_keys("recicl,recicll")
