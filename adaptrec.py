@@ -66,7 +66,6 @@ import torch
 
 import data
 import eval as metrics
-import lora
 import generate
 import model as llama
 from tokenizer import Tokenizer
@@ -604,7 +603,7 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
            f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
     model = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
-    lora.inject(model, **trainer.lora_from_args(a))
+    trainer.make_trainable(model, trainer.lora_from_args(a))
     cfg = trainer.config_from_args(a, os.path.join(a.out, run_name(m, how)), steps)
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
     validate = (lambda mod: metrics.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, units_by_row,
@@ -711,12 +710,11 @@ def cmd_eval(a):
         model, name = s.model, "base model (untuned)"
         if not a.base:
             path = adapter_dir(a.out, m, how)
-            if not os.path.exists(os.path.join(path, "adapter_config.json")):
+            if not trainer.is_saved(path):
                 log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
                        f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
                 continue
-            model, name = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0], "AdaptRec"
-            lora.load_adapter(model, path)
+            model, name = generate.load_model(a.model, dtype=a.dtype, plain=a.plain, tuned=path)[0], "AdaptRec"
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
@@ -780,8 +778,8 @@ def cmd_recommend(a):
               f"{rating.get(unit, float('nan')):.2f}  chose {data.quote(s.d.titles[s.pool.unit(unit)[-1]])}")
     print(f"stage 2 ({a.select}): {len(chosen)} demonstrations (*)")
     adapter = adapter_dir(a.out, a.m, a.select)
-    if os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        lora.load_adapter(s.model, adapter)
+    if trainer.is_saved(adapter):
+        s.model = generate.load_model(a.model, dtype=a.dtype, plain=a.plain, tuned=adapter)[0]
     else:
         log_fn(f"[adaptrec] no adapter at {adapter}: answering with the base model (run: python adaptrec.py train)")
     units_by_row = {row_key(row): chosen}

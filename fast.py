@@ -100,9 +100,11 @@ def fuse(linears, dtype, device, by_columns: bool = True) -> torch.Tensor:
 
 
 def is_fused(buf: torch.Tensor, linears) -> bool:
-    """True while `linears` are plain nn.Linear whose weights are still the slices of `buf`
-    made by `fuse`; a LoRA wrapper or a .to() that moved them ends the fused path."""
-    return all(type(m) is nn.Linear for m in linears) and linears[0].weight.data_ptr() == buf.data_ptr()
+    """True while `linears` are plain, frozen nn.Linear whose weights are still the slices of `buf`
+    made by `fuse`; a LoRA wrapper, a .to() that moved them or training the weights themselves
+    (full fine-tuning: gradients go to the parameters, not to `buf`) ends the fused path."""
+    return (all(type(m) is nn.Linear and not m.weight.requires_grad for m in linears)
+            and linears[0].weight.data_ptr() == buf.data_ptr())
 
 
 class FusedAttention(Attention):

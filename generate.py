@@ -11,12 +11,14 @@ The default model (SmolLM2-135M-Instruct, fetched and converted once) is resolve
 default_model_dir, so that model.py stays free of the project's other files.
 """
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 import fast
+import lora
 import model as llama
 from model import KVCache, Llama
 from tokenizer import Tokenizer, load_tokenizer
@@ -27,14 +29,22 @@ def default_model_dir() -> str:
     return fetch_and_convert()
 
 
-def load_model(model_dir: str | None, dtype=torch.float32, device="cpu", plain: bool = False) -> tuple[Llama, Tokenizer]:
+def load_model(model_dir: str | None, dtype=torch.float32, device="cpu", plain: bool = False,
+               tuned: str | None = None) -> tuple[Llama, Tokenizer]:
     """The model and its tokenizer: fast.load (the CPU fast path where it applies), or
     model.load with plain=True; the default model for model_dir None. Both compute the same
-    model (tests/test_fast.py). The tokenizer comes first: its checks are cheap, the weights' not."""
+    model (tests/test_fast.py). The tokenizer comes first: its checks are cheap, the weights' not.
+    tuned: a directory that train.save_trained wrote: a LoRA adapter, put on the base model, or
+    a whole fine-tuned model, loaded instead of it."""
+    if tuned is not None and not os.path.exists(os.path.join(tuned, "adapter_config.json")):
+        model_dir = tuned                              # a full fine-tune: a HF directory of its own
     model_dir = model_dir or default_model_dir()
     tok = load_tokenizer(model_dir, llama.read_config(model_dir))
     loader = llama.load if plain else fast.load
-    return loader(model_dir, dtype=dtype, device=device), tok
+    model = loader(model_dir, dtype=dtype, device=device)
+    if tuned is not None and model_dir != tuned:
+        lora.load_adapter(model, tuned)
+    return model, tok
 
 
 def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -553,5 +553,6 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Lla
         raise ValueError(f"{model_dir}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)   # built on 'meta' above
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.model_dir = model_dir                     # where it came from (a full fine-tune copies its config)
     model.eval().requires_grad_(False)
     return model

@@ -39,7 +39,6 @@ import torch
 
 import data
 import eval as metrics
-import lora
 import generate
 from tokenizer import Tokenizer
 import train as trainer
@@ -387,9 +386,9 @@ def packs(train_set: list, size: int) -> list:
 
 def train_adapter(model, prompter, ans, train_set, val, cfg, lora_spec: dict, resume: bool, run_config: dict,
                   base_model: str):
-    """Tune a LoRA adapter (lora.inject's arguments) on train_set, validated by AUC on val.
-    Returns the training summary."""
-    lora.inject(model, **lora_spec)
+    """Tune a LoRA adapter (lora_spec: lora.inject's arguments), or every weight (lora_spec None),
+    on train_set, validated by AUC on val. Returns the training summary."""
+    trainer.make_trainable(model, lora_spec)
     val_labels = np.array([s.label for s in val])
     validate = lambda m: metrics.auc(val_labels, score(m, prompter, val, ans))  # noqa: E731
     return trainer.train(model, train_set, make_loss_fn(prompter, ans), cfg, validate=validate, resume=resume,
@@ -423,10 +422,9 @@ def check_layout(run_dir: str, layout: str):
 
 
 def tuned_model(adapter: str, model_dir: str | None, dtype, plain: bool):
-    """A fresh copy of the base model with the adapter in directory `adapter`."""
-    m = generate.load_model(model_dir, dtype=dtype, plain=plain)[0]
-    lora.load_adapter(m, adapter)
-    return m
+    """A fresh copy of the base model with the adapter in directory `adapter` (or the whole model
+    a full fine-tune saved there)."""
+    return generate.load_model(model_dir, dtype=dtype, plain=plain, tuned=adapter)[0]
 
 
 def cmd_train(a):
@@ -556,7 +554,7 @@ def cmd_eval(a):
         m, prompter = model, prompters[a.k_demos if icl else 0]
         if adapter is not None:
             path = trainer.adapter_dir(os.path.join(a.out, adapter))
-            if not os.path.exists(os.path.join(path, "adapter_config.json")):
+            if not trainer.is_saved(path):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
@@ -600,7 +598,7 @@ def updated_models(rows, prompter, ans, update_dir: str, tune_through, load_tune
     out = {}
     for p in list(rows)[1:]:
         out_dir = os.path.join(update_dir, f"through_D{p - 1}")
-        if not os.path.exists(os.path.join(trainer.adapter_dir(out_dir), "adapter_config.json")):
+        if not trainer.is_saved(trainer.adapter_dir(out_dir)):
             tune_through(p, out_dir)
         m = load_tuned(trainer.adapter_dir(out_dir))      # the best adapter, not the last step
         out[p] = score(m, prompter, rows[p], ans, score_batch)
@@ -653,8 +651,8 @@ def cmd_recommend(a):
         sys.exit("error: recommend ranks with the causal layout only (score blocks-layout adapters with eval)")
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
     path = trainer.adapter_dir(os.path.join(a.out, run_name(a.k_demos)))
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        lora.load_adapter(model, path)
+    if trainer.is_saved(path):
+        model = tuned_model(path, a.model, a.dtype, a.plain)
     else:
         log_fn(f"[recicl] no adapter at {path}: ranking with the base model (run: python recicl.py train)")
     if a.user not in d.user_ids:

@@ -85,6 +85,9 @@ def add_args(p, batch_size: int | None, lr: float, lora_r: int, lora_dropout: fl
     p.add_argument("--batch-size", type=count(1), default=batch_size, help=batch_help or None)
     p.add_argument("--micro-batch", type=count(1), default=1, help="examples per forward (1 is fastest on CPU: no padding)")
     p.add_argument("--lr", type=real(0, low_open=True), default=lr, help=lr_help or None)
+    p.add_argument("--full", action="store_true", help="full fine-tuning: every weight trained (AdamW states in fp32), "
+                   "no LoRA; saves whole HF-layout models (about 4 bytes a weight); use a smaller --lr (the RecICL "
+                   "reference: 5e-5)")
     p.add_argument("--lora-r", type=count(1), default=lora_r)
     p.add_argument("--lora-alpha", type=real(0, low_open=True), default=16)
     p.add_argument("--lora-dropout", type=real(0, 1, high_open=True), default=lora_dropout)
@@ -97,9 +100,19 @@ def add_args(p, batch_size: int | None, lr: float, lora_r: int, lora_dropout: fl
     p.add_argument("--resume", action="store_true", help=f"continue from the checkpoint in {resume_from} (same settings)")
 
 
-def lora_from_args(a) -> dict:
-    """The keyword arguments of lora.inject that the add_args flags describe."""
+def lora_from_args(a) -> dict | None:
+    """The keyword arguments of lora.inject that the add_args flags describe (None: --full)."""
+    if a.full:
+        return None
     return {"targets": tuple(a.lora_targets.split(",")), "r": a.lora_r, "alpha": a.lora_alpha, "dropout": a.lora_dropout}
+
+
+def make_trainable(model, lora_spec: dict | None):
+    """lora.inject(model, **lora_spec), or with lora_spec None (--full) every weight of the model."""
+    if lora_spec is None:
+        model.requires_grad_(True)
+    else:
+        lora.inject(model, **lora_spec)
 
 
 def config_from_args(a, out_dir: str, steps: int) -> TrainConfig:
@@ -176,6 +189,43 @@ def set_rng_state(plain: dict, tensors: dict):
         torch.cuda.set_rng_state_all(cuda)
 
 
+# ----------------------------------------------------------------------------- what is trained
+
+def trained_params(model) -> dict:
+    """What training updates, by the names it is saved under: the LoRA adapter (peft names) when
+    one is injected, else every parameter that requires grad (full fine-tuning: the model's own
+    HF names; call model.requires_grad_(True) first)."""
+    if lora.lora_modules(model):
+        return lora.adapter_params(model)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "generation_config.json")
+
+
+def save_trained(model, out_dir: str, base_model: str = ""):
+    """The LoRA adapter (peft layout), or after full fine-tuning every weight as model.safetensors
+    beside the base directory's config and tokenizer files: a HF-layout directory that model.load
+    and transformers read like the base model (`model.model_dir`, set by model.load, names it)."""
+    import shutil
+    from safetensors.torch import save_file
+    if lora.lora_modules(model):
+        return lora.save_adapter(model, out_dir, base_model)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in MODEL_FILES:
+        if os.path.exists(os.path.join(model.model_dir, name)):
+            with atomic_path(os.path.join(out_dir, name)) as tmp:
+                shutil.copyfile(os.path.join(model.model_dir, name), tmp)
+    with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, tmp, metadata={"format": "pt"})
+
+
+def is_saved(path: str) -> bool:
+    """A directory that save_trained wrote: an adapter or a whole model."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ("adapter_config.json", "model.safetensors"))
+
+
 # A checkpoint is two files, neither of them a pickle: checkpoint-<step>.safetensors (adapter,
 # AdamW moments, RNG tensors) and checkpoint.json (step, best, settings, optimizer and scheduler
 # hyper-parameters, the other RNG states, and the tensor file's name and SHA-256). The tensor
@@ -187,7 +237,7 @@ def save_checkpoint(out_dir, model, opt, sched, step, best, settings, rng, pendi
     """rng: rng_state() at the end of `step`."""
     from safetensors.torch import save_file
     opt_sd = opt.state_dict()
-    tensors = {f"adapter.{k}": v for k, v in lora.adapter_state(model).items()}
+    tensors = {f"trained.{k}": p.detach().contiguous() for k, p in trained_params(model).items()}
     for i, st in opt_sd["state"].items():
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).detach().contiguous() for k, v in st.items()})
     tensors.update(rng["tensors"])
@@ -224,12 +274,13 @@ def load_checkpoint(out_dir, model, opt, sched, settings: dict) -> tuple[int, fl
     if not os.path.exists(tensor_path) or sha256(tensor_path) != ck.get("sha256"):
         raise ValueError(f"{path}: its tensor file {tensor_path} is missing or does not match its SHA-256")
     t = dict(read_safetensors(tensor_path))
-    params = lora.adapter_params(model)
-    if {k[len("adapter."):] for k in t if k.startswith("adapter.")} != set(params):
-        raise ValueError(f"{tensor_path}: the checkpoint's adapter does not match this model's LoRA modules")
+    params = trained_params(model)
+    if {k[len("trained."):] for k in t if k.startswith("trained.")} != set(params):
+        raise ValueError(f"{tensor_path}: the checkpoint's trained tensors do not match this model's (LoRA modules, "
+                         "or all weights with --full)")
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(t[f"adapter.{k}"])
+            p.copy_(t[f"trained.{k}"])
     state = {int(i): {k: t[f"opt.{i}.{k}"] for k in keys} for i, keys in ck["optimizer"]["state_keys"].items()}
     opt.load_state_dict({"state": state, "param_groups": ck["optimizer"]["param_groups"]})
     sched.load_state_dict(ck["scheduler"])
@@ -244,7 +295,7 @@ RUN_DIRS = ("best", "final")
 def adapter_dir(run_dir: str) -> str:
     """RUN/best (kept by validation), else RUN/final (no validation, or none gave a finite metric)."""
     best = os.path.join(run_dir, "best")
-    return best if os.path.exists(os.path.join(best, "adapter_config.json")) else os.path.join(run_dir, "final")
+    return best if is_saved(best) else os.path.join(run_dir, "final")
 
 
 def clear_run(out_dir: str):
@@ -266,7 +317,7 @@ def save_best(model, out_dir: str, base_model: str, metric: dict):
     import shutil
     tmp, best = os.path.join(out_dir, f"best.tmp{os.getpid()}"), os.path.join(out_dir, "best")
     old = os.path.join(out_dir, f"best.old{os.getpid()}")
-    lora.save_adapter(model, tmp, base_model)
+    save_trained(model, tmp, base_model)
     write_json(metric, os.path.join(tmp, "metric.json"))
     if os.path.exists(best):
         os.rename(best, old)
@@ -345,9 +396,9 @@ def run_settings(cfg: TrainConfig, run_config: dict | None) -> dict:
 
 def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: bool = False,
           run_config: dict | None = None, base_model: str = "") -> dict:
-    """Train the model's LoRA parameters (inject them first). `validate(model) -> float` (higher
-    is better) runs every cfg.eval_every steps and at the end; the best adapter is kept in
-    out_dir/best (peft layout). Checkpoints: out_dir/checkpoint.json + .safetensors. The run
+    """Train the model's LoRA parameters (inject them first), or with no LoRA every parameter that
+    requires grad (full fine-tuning). `validate(model) -> float` (higher is better) runs every
+    cfg.eval_every steps and at the end; the best weights are kept in out_dir/best (save_trained). Checkpoints: out_dir/checkpoint.json + .safetensors. The run
     holds out_dir's lock throughout; a non-finite loss stops it with an error (nothing saved
     from that step), and a non-finite validation metric never counts as best."""
     if not examples:
@@ -357,9 +408,9 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
     if cfg.batch_size % cfg.micro_batch:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch {cfg.micro_batch}")
     rank, world = dist_info()
-    params = lora.lora_parameters(model)
+    params = list(trained_params(model).values())
     if not params:
-        raise ValueError("the model has no LoRA parameters: call lora.inject first")
+        raise ValueError("nothing to train: call lora.inject first, or model.requires_grad_(True) for full fine-tuning")
     if world > 1:                                   # same starting adapter everywhere
         for p in params:
             dist.broadcast(p.data, src=0)
@@ -477,7 +528,7 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
         if validate is not None:
             run_validation()
         if rank == 0:
-            lora.save_adapter(model, os.path.join(cfg.out_dir, "final"), base_model)
+            save_trained(model, os.path.join(cfg.out_dir, "final"), base_model)
     except KeyboardInterrupt:
         # the adapter and optimizer still hold the end of `step`; a validation cut short runs again on resume
         if rank == 0 and (step > saved_step or in_validation):

@@ -121,6 +121,28 @@ def test_own_layout_gradients_equal(tiny):
         assert close(gb[name], ga[name], rel=1e-4), name
 
 
+def test_full_fine_tuning_gradients_equal(tiny):
+    """Full fine-tuning (every weight requires grad): the fused q/k/v and gate/up path steps
+    aside (its buffers are not the parameters), and every weight's gradient, the embeddings'
+    and, untied, the head's included, equals the plain path's."""
+    models = both_paths(tiny[0])
+    idx = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(6))
+    sup = torch.zeros(2, 70, dtype=torch.bool)
+    sup[0, 40:69], sup[1, 3:30] = True, True
+    grads = []
+    for m in models:
+        m.requires_grad_(True).train()
+        m.loss(idx, torch.roll(idx, -1, 1), sup).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    attn = models[1].model.layers[0].self_attn
+    assert not fast.is_fused(attn.qkv_t, (attn.q_proj, attn.k_proj, attn.v_proj))
+    ga, gb = grads
+    assert ga.keys() == gb.keys() and "model.embed_tokens.weight" in ga
+    for name in ga:
+        assert gb[name] is not None and ga[name].abs().max() > 0, name
+        assert close(gb[name], ga[name], rel=1e-4), name
+
+
 def test_prefill_batch_caches_and_greedy_tokens_equal(tiny):
     plain, quick = both_paths(tiny[0])
     prompts = [[5, 9, 200, 17, 3, 44, 8], [7, 7, 150], list(range(20, 45))]

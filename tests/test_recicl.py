@@ -319,3 +319,19 @@ def test_methods_flag_names_its_choices():
     assert recicl.method_keys("recicl, zero-shot") == ["recicl", "zero-shot"]
     with pytest.raises(Exception, match="unknown method 'recicll'; choose from zero-shot"):
         recicl.method_keys("recicl,recicll")
+
+
+def test_full_fine_tuning_trains_saves_and_evaluates_a_whole_model(setup_dirs):
+    """--full: best/ holds a whole HF-layout model (no adapter), and eval scores with it."""
+    model, ds, out = setup_dirs
+    small = ["--train-samples", "6", "--val-samples", "4", "--steps", "2", "--batch-size", "2", "--full", "--lr", "1e-3"]
+    recicl.main(["train"] + common(model, ds, out) + small)
+    best = os.path.join(out, "icl", "best")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(best))
+    assert not os.path.exists(os.path.join(best, "adapter_config.json"))
+    tuned = llama.load(best)
+    base = llama.load(model)
+    assert not torch.equal(tuned.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
+    recicl.main(["eval", "--eval-samples", "6", "--rows-per-user", "3", "--methods", "recicl"] + common(model, ds, out) + small)
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert len([r for r in res["rows"] if r["method"] == "RecICL"]) == 5

@@ -86,6 +86,48 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_untied, tmp_path):
     assert any(not torch.equal(sa[k], lora.adapter_state(fresh(path))[k]) for k in sa)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_full_fine_tuning_resumes_exactly_and_saves_a_model_transformers_reads(tmp_path, tie):
+    """--full: every weight trained; an interrupted run resumes to the same weights, and final/ is
+    a HF directory that transformers' LlamaForCausalLM and model.load read with this model's logits."""
+    from conftest import make_tiny_dir
+    from transformers import LlamaForCausalLM
+    make_tiny_dir(tmp_path / "tiny", tie=tie)
+    path = str(tmp_path / "tiny")
+    data = pattern_examples()
+    cfg = dict(steps=4, batch_size=4, micro_batch=2, lr=1e-3, warmup_steps=1, save_every=1, seed=1)
+
+    def full():
+        m = llama.load(path)
+        trainer.make_trainable(m, None)
+        return m
+    a = full()
+    trainer.train(a, data, lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "a"), **cfg))
+    calls = {"n": 0}
+
+    def interrupted(model, ex):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:       # first micro-batch of step 3
+            raise KeyboardInterrupt
+        return lm_loss(model, ex)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(full(), data, interrupted, trainer.TrainConfig(out_dir=str(tmp_path / "b"), **cfg))
+    c = full()
+    trainer.train(c, data, lm_loss, trainer.TrainConfig(out_dir=str(tmp_path / "b"), **cfg), resume=True)
+    base, pa, pc = dict(llama.load(path).named_parameters()), dict(a.named_parameters()), dict(c.named_parameters())
+    assert all(torch.equal(pa[k], pc[k]) for k in pa)
+    assert all(not torch.equal(pa[k], base[k]) for k in pa if k.endswith("proj.weight"))     # every matrix moved
+    final = str(tmp_path / "a" / "final")
+    assert trainer.adapter_dir(str(tmp_path / "a")) == final and trainer.is_saved(final)
+    idx = torch.tensor(data[:2])
+    with torch.no_grad():
+        ours = a.head(a(idx))
+        theirs = LlamaForCausalLM.from_pretrained(final).eval()(idx).logits.float()
+        again = llama.load(final)
+        reread = again.head(again(idx))
+    assert (ours - theirs).abs().max() <= 1e-4 and torch.equal(ours, reread)
+
+
 def test_validation_keeps_best_and_writes_files(tiny_untied, tmp_path):
     path, _ = tiny_untied
     m = fresh(path, dropout=0.0)
