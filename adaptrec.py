@@ -431,6 +431,53 @@ def loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
     return model.loss(idx, targets, supervised, valid), int(valid.sum())
 
 
+def candidate_pack(prompt: list, answers: list) -> tuple:
+    """One sequence that scores every answer after one prompt: the prompt, then each answer but
+    its last token, at the positions that follow the prompt, each seeing the prompt and its own
+    earlier tokens only. Returns ids (T,), pos (T,), mask (T, T) and, for each answer, the rows
+    of the slots n-1.. (n = len(prompt): its first row is the prompt's last slot) whose next-token
+    distributions predict its tokens, in order."""
+    n = len(prompt)
+    ids, pos, owner, rows = list(prompt), list(range(n)), [-1] * n, []
+    for c, a in enumerate(answers):
+        rows.append([0] + list(range(len(ids) - n + 1, len(ids) - n + len(a))))
+        ids += a[:-1]
+        pos += range(n, n + len(a) - 1)
+        owner += [c] * (len(a) - 1)
+    owner = torch.tensor(owner)
+    sees = (owner[None, :] == -1) | (owner[:, None] == owner[None, :])       # the prompt, or the same answer
+    return torch.tensor(ids), torch.tensor(pos), sees & torch.ones(len(ids), len(ids), dtype=torch.bool).tril(), rows
+
+
+def candidate_logprobs(model, prompt: list, answers: list) -> torch.Tensor:
+    """log p(answer | prompt) for each answer, (N,) fp32, in one forward over candidate_pack's
+    sequence; differentiable (generate.logprobs_after computes the same through a KV cache)."""
+    dev = generate.model_device(model)
+    ids, pos, mask, rows = candidate_pack(prompt, answers)
+    n = len(prompt)
+    at = torch.arange(n - 1, len(ids), device=dev)[None]                     # the slots that predict answer tokens
+    h = model(ids[None].to(dev), pos=pos[None].to(dev), mask=mask[None, None].to(dev), at=at)   # (1, T-n+1, D)
+    lp = torch.log_softmax(model.head(h[0]), -1)                              # (T-n+1, V)
+    return torch.stack([lp[r, a].sum() for r, a in zip((torch.tensor(r, device=dev) for r in rows),
+                                                       (torch.tensor(a, device=dev) for a in answers))])
+
+
+def make_listwise_loss_fn(prompter: Prompter, nll_weight: float):
+    """--objective listwise / both: per example, the cross-entropy over its 20 candidates of their
+    sequence log-likelihoods after the one prompt (the ranking eval reads), plus nll_weight times
+    the target's mean token NLL (the title objective of loss_fn)."""
+    def listwise_loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
+        total, tokens = 0.0, 0
+        for e in batch:
+            answers = [prompter.answer(c) for c in e.row.candidates]
+            lp = candidate_logprobs(model, e.ids[:e.n_prompt], answers)
+            t = e.row.candidates.index(e.row.target)
+            total = total - torch.log_softmax(lp, 0)[t] - nll_weight * lp[t] / len(answers[t])
+            tokens += e.n_prompt + sum(len(a) - 1 for a in answers)
+        return total / len(batch), tokens
+    return listwise_loss_fn
+
+
 @torch.inference_mode()
 def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: dict, batch_size: int = 8,
                     max_new_tokens: int = 64, log=None) -> tuple[list, list]:
@@ -586,6 +633,9 @@ def add_train_args(p):
     p.add_argument("--val-rows", type=trainer.count(0), default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
     p.add_argument("--epochs", type=trainer.real(0, low_open=True), default=1.0)
+    p.add_argument("--objective", choices=("nll", "listwise", "both"), default="nll", help="nll: the target title's "
+                   "token cross-entropy; listwise: cross-entropy over the 20 candidates' sequence log-likelihoods after "
+                   "one shared prompt (what the ranking reads; one forward per row, ~1.5x the tokens); both: their sum")
     trainer.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN",
                lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
 
@@ -608,7 +658,8 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
     validate = (lambda mod: metrics.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, units_by_row,
                                                                                max_new_tokens=0)[1]), 20)) if val_rows else None
-    summary = trainer.train(model, examples, loss_fn, cfg, validate=validate, resume=a.resume,
+    objective = loss_fn if a.objective == "nll" else make_listwise_loss_fn(s.prompter, float(a.objective == "both"))
+    summary = trainer.train(model, examples, objective, cfg, validate=validate, resume=a.resume,
                       run_config={"method": "adaptrec", "m": m, "select": how, "args": vars(a),
                                   "train_rows": len(examples), "val_rows": len(val_rows)},
                       base_model=a.model or "SmolLM2-135M-Instruct")

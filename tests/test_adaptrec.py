@@ -139,6 +139,38 @@ def test_answer_only_loss_against_cross_entropy(dirs):
     assert n == 19 + 11
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["plain", "fast"])
+def test_listwise_loss_reads_what_the_ranking_reads(dirs, plain):
+    """candidate_logprobs (one packed forward, differentiable) equals generate.logprobs_after (the
+    eval's ranking through a KV cache); the listwise loss is the cross-entropy over those plus the
+    weighted mean token NLL of the target, and its gradient reaches the LoRA weights."""
+    import lora
+    model_dir, _, _ = dirs
+    m, _ = generate.load_model(model_dir, plain=plain)
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 290, (150,), generator=g).tolist()       # past one 64-row block of the fast kernel
+    answers = [torch.randint(3, 290, (n,), generator=g).tolist() for n in (1, 4, 6, 3, 5)]
+    with torch.inference_mode():
+        cache, logits = generate.prefill_batch(m, [prompt], extra=8)
+        ref = generate.logprobs_after(m, cache.row(0), logits[0], answers)
+        packed = adaptrec.candidate_logprobs(m, prompt, answers)
+    assert torch.allclose(packed, ref, atol=1e-4) and ref.std() > 0.1
+
+    class Prompter:
+        def answer(self, item):
+            return answers[item]
+    row = data.SeqRow(user=0, history=[], target=2, ts=0, split="train", candidates=list(range(5)))
+    e = adaptrec.Example(row, [], prompt + answers[2], len(prompt))
+    lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+    for weight in (0.0, 1.0):
+        loss, n = adaptrec.make_listwise_loss_fn(Prompter(), weight)(m, [e])
+        expected = -torch.log_softmax(ref, 0)[2] - weight * ref[2] / len(answers[2])
+        assert abs(loss.item() - expected.item()) < 1e-4 and n == 150 + sum(len(a) - 1 for a in answers)
+    m.train()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in lora.lora_parameters(m)[1::2])   # lora_B
+
+
 def test_selection_rules():
     sel = adaptrec.Selector.__new__(adaptrec.Selector)
     r = data.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
@@ -214,7 +246,7 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
     adaptrec.main(["train", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--train-rows", "4",
-            "--batch-size", "4", "--epochs", "1"])
+            "--batch-size", "4", "--epochs", "1", "--objective", "both"])
     assert adaptrec.adapter_dir(os.path.join(out, "noval"), 2, "embed").endswith("final")
     capsys.readouterr()
     adaptrec.main(["recommend", *common, "--user", "3", "--m", "2"])
