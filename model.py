@@ -67,33 +67,28 @@ class ModelArgs:
         type or out of range (sizes drive allocation: a bad one must not become a huge request)."""
         if not isinstance(cfg, dict):
             raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
-        ranges = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
-                  "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20,
-                  "num_key_value_heads": 1024}
-        for key, high in ranges.items():
-            v = cfg.get(key, 2048 if key == "max_position_embeddings" else None)
-            if v is None and key == "num_key_value_heads":
-                continue                                 # default: num_attention_heads
+        cfg = {"max_position_embeddings": 2048, **cfg}
+        if cfg.get("num_key_value_heads") is None:
+            cfg["num_key_value_heads"] = cfg.get("num_attention_heads")          # no GQA
+        sizes = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+                 "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20}
+        for key, high in sizes.items():
+            v = cfg.get(key)
             if v is None:
                 raise ValueError(f"config.json: {key} is missing")
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
                 raise ValueError(f"config.json: {key} must be an integer in [1, {high}], got {v!r}")
         rope = cfg.get("rope_parameters") or {}
-        numbers = {"rms_norm_eps": (cfg.get("rms_norm_eps", 1e-6), 0),
-                   "rope_theta": (rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), 1)}
-        for key, (v, low) in numbers.items():
+        eps, theta = cfg.get("rms_norm_eps", 1e-6), rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        for key, v, low in (("rms_norm_eps", eps, 0), ("rope_theta", theta, 1)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
                 raise ValueError(f"config.json: {key} must be a finite number > {low}, got {v!r}")
         if not isinstance(cfg.get("tie_word_embeddings", False), bool):
-            raise ValueError("config.json: tie_word_embeddings must be true or false, "
-                             f"got {cfg['tie_word_embeddings']!r}")
+            raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
         for key in ("bos_token_id", "eos_token_id"):
             ids = cfg.get(key)
-            for i in (ids if isinstance(ids, list) else [ids]):
-                ok = i is None or (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg["vocab_size"])
-                if not ok:
-                    raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size "
-                                     f"{cfg['vocab_size']}")
+            if not all(i is None or (type(i) is int and 0 <= i < cfg["vocab_size"]) for i in (ids if isinstance(ids, list) else [ids])):
+                raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size {cfg['vocab_size']}")
         refuse = {"model_type": lambda v: v != "llama", "attention_bias": bool, "mlp_bias": bool,
                   "hidden_act": lambda v: v != "silu", "sliding_window": lambda v: v is not None,
                   "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default"}
@@ -102,21 +97,15 @@ class ModelArgs:
                 raise ValueError(f"config.json: unsupported {name}={cfg[name]!r}")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"config.json: unsupported rope_parameters.rope_type={rope['rope_type']!r}")
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        n_kv = cfg.get("num_key_value_heads") or n_heads
-        if dim % n_heads or cfg.get("head_dim") not in (None, dim // n_heads):
-            raise ValueError(f"config.json: unsupported head_dim (hidden_size {dim} must be num_attention_heads "
-                             f"{n_heads} x head_dim {cfg.get('head_dim')})")
-        if n_heads % n_kv:
-            raise ValueError(f"config.json: num_attention_heads {n_heads} not a multiple of num_key_value_heads "
-                             f"{n_kv}")
+        dim, n_heads, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        if dim % n_heads or cfg.get("head_dim") not in (None, dim // n_heads) or n_heads % n_kv:
+            raise ValueError(f"config.json: unsupported head layout (hidden_size {dim} must be num_attention_heads "
+                             f"{n_heads} x head_dim {cfg.get('head_dim')}, a multiple of num_key_value_heads {n_kv})")
         eos = cfg.get("eos_token_id")
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
-                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                   norm_eps=numbers["rms_norm_eps"][0], rope_theta=float(numbers["rope_theta"][0]),
-                   max_seq_len=cfg.get("max_position_embeddings", 2048),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False), bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids)
+                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=eps, rope_theta=float(theta),
+                   max_seq_len=cfg["max_position_embeddings"], tie_embeddings=cfg.get("tie_word_embeddings", False),
+                   bos_id=cfg.get("bos_token_id"), eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
 
 
 # ----------------------------------------------------------------------------- math
@@ -437,42 +426,35 @@ def read_safetensors(path: str, metadata: dict | None = None):
     project's one reader (files are written with the safetensors library). `metadata`, if
     given, receives the file's __metadata__. Format: u64 little-endian header length N, N bytes
     of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the data
-    (https://github.com/huggingface/safetensors). Read with plain file reads (no mmap) so peak
-    memory stays near the model's size."""
+    (https://github.com/huggingface/safetensors). Plain file reads, no mmap: peak memory stays
+    near the model's size."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
         if n > size - 8:
-            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of "
-                             f"{size})")
+            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
         if not isinstance(header, dict):
             raise ValueError(f"{path}: corrupt safetensors header: not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
         if metadata is not None:
-            metadata.update(meta)
+            metadata.update(header.get("__metadata__") or {})
+        header.pop("__metadata__", None)
         for name, info in header.items():
             ok = isinstance(info, dict) and all(isinstance(info.get(k), list) for k in ("shape", "data_offsets"))
-            numbers = info["shape"] + info["data_offsets"] if ok else []
-            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in numbers)
-            if not ok or len(info["data_offsets"]) != 2:
-                raise ValueError(f"{path}: tensor {name}: corrupt header entry (needs dtype, a shape and two "
+            if not (ok and len(info["data_offsets"]) == 2 and info.get("dtype") in _ST_DTYPES
+                    and all(type(x) is int and x >= 0 for x in info["shape"] + info["data_offsets"])):
+                raise ValueError(f"{path}: tensor {name}: corrupt header entry (needs a known dtype, a shape and two "
                                  "data_offsets, all non-negative integers)")
         end = 0
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
-            if info.get("dtype") not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(info["shape"]) * dtype.itemsize
             if e - b != nbytes or 8 + n + e > size:
-                raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length "
-                                 "(truncated file?)")
+                raise ValueError(f"{path}: tensor {name} lies outside the file or has the wrong length (truncated file?)")
             if b < end:
                 raise ValueError(f"{path}: tensor {name} overlaps the tensor before it (data_offsets {b}..{e})")
             end = e
