@@ -320,16 +320,7 @@ class Llama(nn.Module):
         it must lie within the causal triangle and let every token see itself. `valid` is then
         not used: pads are the mask's to hide."""
         B, T = idx.shape
-        if cache is not None and prefix is not None:
-            raise ValueError("pass either cache or prefix, not both")
-        if at is not None and (cache is not None or prefix is not None):
-            raise ValueError("`at` works without cache or prefix only")
-        if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= at.min() <= at.max() < T)):
-            raise ValueError(f"`at` must be (B={B}, n) slots in 0..{T - 1}, got shape {tuple(at.shape)}")
-        if (pos is None) != (mask is None) or (mask is not None and (cache is not None or prefix is not None)):
-            raise ValueError("pos and mask go together, without cache or prefix")
-        if mask is not None and (mask.shape != (B, 1, T, T) or pos.shape != (B, T)):
-            raise ValueError(f"mask must be (B, 1, T, T) = {(B, 1, T, T)} and pos (B, T), got {tuple(mask.shape)}, {tuple(pos.shape)}")
+        check_forward_args(B, T, cache, prefix, at, pos, mask)
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         start, past_valid, base_pos = 0, None, torch.zeros(B, dtype=torch.long, device=idx.device)
@@ -387,6 +378,21 @@ class Llama(nn.Module):
         h = self(idx, valid, at=at)
         logits = self.head(h[real])                                                      # (N, V) fp32
         return F.cross_entropy(logits, targets.take_along_dim(at, dim=1)[real])
+
+
+def check_forward_args(B: int, T: int, cache, prefix, at, pos, mask):
+    """Llama.forward's rules on which arguments go together, and their shapes."""
+    if cache is not None and prefix is not None:
+        raise ValueError("pass either cache or prefix, not both")
+    if at is not None and (cache is not None or prefix is not None):
+        raise ValueError("`at` works without cache or prefix only")
+    if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= at.min() <= at.max() < T)):
+        raise ValueError(f"`at` must be (B={B}, n) slots in 0..{T - 1}, got shape {tuple(at.shape)}")
+    if (pos is None) != (mask is None) or (mask is not None and (cache is not None or prefix is not None)):
+        raise ValueError("pos and mask go together, without cache or prefix")
+    if mask is not None and (mask.shape != (B, 1, T, T) or pos.shape != (B, T)):
+        raise ValueError(f"mask must be (B, 1, T, T) = {(B, 1, T, T)} and pos (B, T), got {tuple(mask.shape)}, "
+                         f"{tuple(pos.shape)}")
 
 
 def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torch.Tensor | None:
