@@ -3,7 +3,7 @@ transformers, and against the plain model.py path, measured in the same run.
 
     python bench.py [--model DIR] [--runs 7] [--only prefill,decode,long,memory,bf16,lora]
     python bench.py --only lora,decode --without fused      # what one fast.py trick buys
-    python bench.py --only packed                           # RecICL packed training vs one prompt per sample
+    python bench.py --only packed [--pack 32]               # RecICL packed training vs one prompt per sample
 
 Prints one JSON object per line:
   {"bench": NAME, "ours": MEDIAN, "peer": MEDIAN, "plain": MEDIAN, "unit": "s",
@@ -34,7 +34,7 @@ directory, same token ids; outputs are compared before timing.
                      worker's size before loading the model (weights + activations + state);
                      lora_step_512_kernels: one profiled step per side, seconds in GEMM and
                      attention kernels, and the ratio ceiling those kernels leave (see kernel_seconds)
-  recicl_packed_step one LoRA training step on the same 16 samples in recicl.py's blocks layout,
+  recicl_packed_step one LoRA training step on the same --pack samples in recicl.py's blocks layout,
                      packed into one sequence ("ours") against one prompt per sample ("peer");
                      not in the default --only (it loads MovieLens-100K)
 """
@@ -127,12 +127,9 @@ def lora_worker(side: str, model_dir: str, without=()):
         print(json.dumps({"t": time.perf_counter() - t0, "out": out, "peak": peak}), flush=True)
 
 
-PACK = 16      # samples in the packed-training benchmark
-
-
-def packed_worker(side: str, model_dir: str):
+def packed_worker(side: str, model_dir: str, pack: int):
     """RecICL training in the blocks layout, one LoRA step (r 8 on q_proj, v_proj, dropout 0,
-    AdamW) over the same PACK consecutive samples of one MovieLens-100K user (K = 4, 3 liked
+    AdamW) over the same `pack` consecutive samples of one MovieLens-100K user (K = 4, 3 liked
     titles per block): side "packed" as one packed sequence, side "single" as one prompt per
     sample (a micro-batch of 1 each, gradients summed, as the trainer's default does)."""
     import torch
@@ -145,8 +142,8 @@ def packed_worker(side: str, model_dir: str):
     tok = load_tokenizer(model_dir, m.args)
     d = data.load(verbose=False)
     samples = data.recicl_samples(d, 10, 4.0, k_demos=4, max_history=10)
-    user = next(u for u in range(len(d.user_ids)) if sum(s.user == u and s.period < 5 for s in samples) >= 40 + PACK)
-    run = [s for s in samples if s.user == user and s.period < 5][40:40 + PACK]
+    user = next(u for u in range(len(d.user_ids)) if sum(s.user == u and s.period < 5 for s in samples) >= 40 + pack)
+    run = [s for s in samples if s.user == user and s.period < 5][40:40 + pack]
     bp = recicl.BlockPrompter(d, samples, tok, 4, 3, m.args.max_seq_len)
     loss_fn = recicl.make_loss_fn(bp, recicl.answer_ids(tok))
     torch.manual_seed(0)
@@ -188,13 +185,13 @@ def kernel_seconds(step) -> dict:
     return {"gemm": round(gemm / 1e6, 4), "attention": round(attn / 1e6, 4), "profiled_total": round(total / 1e6, 4)}
 
 
-def worker(side: str, model_dir: str, dtype: str, without=()):
+def worker(side: str, model_dir: str, dtype: str, without=(), pack: int = 32):
     """Read one job name per line from stdin; answer {"t": seconds, "out": ...} per line."""
     import torch
     if side.endswith("-lora"):
         return lora_worker(side[:-5], model_dir, without)
     if side in ("packed", "single"):
-        return packed_worker(side, model_dir)
+        return packed_worker(side, model_dir, pack)
     if side in ("ours", "plain"):
         import generate
         import model as llama
@@ -341,6 +338,7 @@ def main(argv=None):
     ap.add_argument("--worker", choices=["ours", "plain", "peer", "ours-lora", "plain-lora", "peer-lora", "packed", "single"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--pack", type=int, default=32, help="--only packed: samples per pack (recicl.py's --pack)")
     ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, column-major, "
                     "fused, head, malloc): the extra column is then ours without them instead of the plain model")
     ap.add_argument("--worker-without", default="", help=argparse.SUPPRESS)
@@ -350,7 +348,7 @@ def main(argv=None):
         from convert_gguf import default_model_dir
         model_dir = default_model_dir()
     if a.worker:
-        return worker(a.worker, model_dir, a.dtype, [t for t in a.worker_without.split(",") if t])
+        return worker(a.worker, model_dir, a.dtype, [t for t in a.worker_without.split(",") if t], a.pack)
     import torch
     which = set(a.only.split(","))
     print(json.dumps({"bench": "setup", "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -393,10 +391,11 @@ def main(argv=None):
                                   "doing fewer or faster products than ours"}), flush=True)
         ours.close(), peer.close()
     if "packed" in which:
-        packed, single = Worker("packed", model_dir), Worker("single", model_dir)
+        extra = ("--pack", str(a.pack))
+        packed, single = Worker("packed", model_dir, extra=extra), Worker("single", model_dir, extra=extra)
         tokens = [packed("step")["tokens"], single("step")["tokens"]]
         compare("recicl_packed_step", packed, single, "step", "step", a.runs, tokens_packed=tokens[0],
-                tokens_single=tokens[1], note=f"ours = {PACK} samples as one packed sequence, peer = the same samples "
+                tokens_single=tokens[1], note=f"ours = {a.pack} samples as one packed sequence, peer = the same samples "
                 "as one prompt each (--layout blocks --pack 0); ratio = samples per hour packed / one prompt each; "
                 "same_output compares the first step's mean loss (4 decimals)")
         packed.close(), single.close()
