@@ -258,8 +258,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Classical baselines on the rows of the LLM methods; prints a table "
                                 "and writes OUT/baselines_TASK.json.")
     p.add_argument("--task", choices=["binary", "sequential"], required=True)
-    p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
-    p.add_argument("--format", default=None, choices=sorted(data.READERS))
+    data.add_args(p)
     p.add_argument("--out", default="runs/baselines")
     p.add_argument("--periods", type=int, default=10)
     p.add_argument("--train-periods", type=int, default=5)
@@ -270,7 +269,9 @@ def main(argv=None):
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
     try:
-        d = data.load(a.dataset, a.format)
+        d = data.load_from_args(a)
+        if d.implicit and a.task == "binary":
+            d, a.threshold = data.with_sampled_negatives(d, 1, a.seed), 1.0
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if a.task == "binary":

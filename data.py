@@ -13,6 +13,16 @@ Readers (format detected from the files in a directory, or chosen with `fmt`):
   lastfm      hetrec-2011: user_taggedartists-timestamps.dat (first tag of an artist by a
               user = one interaction at that time, rating 1: implicit), artists.dat (names)
   goodbooks   goodbooks-10k: ratings.csv, books.csv; row order stands in for time
+  ml-latest   MovieLens "latest" layout (ml-latest-small, ml-25m, ml-32m): ratings.csv with
+              userId,movieId,rating,timestamp and movies.csv with movieId,title,genres (told
+              from goodbooks by the ratings header)
+  csv         any interactions file, CSV or TSV (by extension, else by its header), columns
+              named by `columns` (--columns user=COL,item=COL[,rating=COL][,time=COL][,title=COL]);
+              titles from the title column, or from a second file (--titles FILE, with the same
+              item column and the title column). No rating column: implicit feedback, every
+              interaction a 1. No time column: file order stands in for time.
+Each format knows its items' noun (movie, book, artist, product; item for csv and unnamed
+RecBole data), which every prompt uses; --item-noun overrides it (Data.words).
 The default dataset is MovieLens-100K as RecBole ships it inside its PyPI wheel (recbole
 1.2.1, MIT), fetched with `pip download --no-deps` into the cache (fetch.py); recbole
 itself is never installed.
@@ -43,6 +53,38 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+# ----------------------------------------------------------------------------- item words
+
+@dataclass(frozen=True)
+class Words:
+    """How prompts speak of the items: noun and plural, and the verb a user does to one (present,
+    past, participle): 'watch the movie', 'they watched', 'has watched'."""
+    item: str = "movie"
+    items: str = "movies"
+    do: str = "watch"
+    did: str = "watched"
+    done: str = "watched"
+    implicit: bool = False      # interactions without ratings: RecICL's history is what the user did, not liked
+
+
+MOVIES = Words()
+
+
+VERBS = {"movie": ("watch", "watched", "watched"), "film": ("watch", "watched", "watched"),
+         "book": ("read", "read", "read"), "artist": ("listen to", "listened to", "listened to"),
+         "song": ("listen to", "listened to", "listened to"), "product": ("buy", "bought", "bought")}
+FORMAT_NOUN = {"ml-100k": "movie", "ml-1m": "movie", "ml-latest": "movie", "goodbooks": "book", "lastfm": "artist",
+               "amazon": "product"}
+
+
+def words_for(noun: str, implicit: bool = False) -> Words:
+    """Words for a noun: its plural by adding 's', the verbs of VERBS, else 'choose'."""
+    noun = noun.strip().lower()
+    if not re.fullmatch(r"[a-z][a-z -]{0,30}", noun):
+        raise ValueError(f"--item-noun {noun!r}: a lower-case word (letters, spaces, hyphens)")
+    return Words(noun, noun + "s", *VERBS.get(noun, ("choose", "chose", "chosen")), implicit=implicit)
+
+
 @dataclass
 class Data:
     """Interactions sorted by (ts, file order). users/items are dense indices into
@@ -55,6 +97,8 @@ class Data:
     item_ids: list
     titles: list
     counts: dict = field(default_factory=dict)   # what cleaning removed or changed
+    words: Words = MOVIES                        # how prompts name the items (set by load)
+    implicit: bool = False                       # every rating is 1: interactions without a rating
 
     def __len__(self):
         return len(self.users)
@@ -233,12 +277,89 @@ def read_goodbooks(directory: str, counts: Counter):
     return rows, titles
 
 
+def _csv_rows(path: str, need: list, counts: Counter, sep: str = ","):
+    """Yields (line number, {column: value}) of a CSV/TSV file with a header; the columns in
+    `need` must be in it. A row with another number of fields is an error naming its line."""
+    lines = _open_text(path, counts)
+    _, head = next(lines, (0, ""))
+    cols = next(csv.reader([head], delimiter=sep))
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise ValueError(f"{path}:1: needs the column(s) {', '.join(missing)}; the header has {cols}")
+    for n, line in lines:
+        if not line.strip():
+            continue
+        p = next(csv.reader([line], delimiter=sep))
+        if len(p) != len(cols):
+            raise ValueError(f"{path}:{n}: expected {len(cols)} fields separated by {sep!r}, got {len(p)}")
+        yield n, dict(zip(cols, p))
+
+
+def read_ml_latest(directory: str, counts: Counter):
+    data, item = os.path.join(directory, "ratings.csv"), os.path.join(directory, "movies.csv")
+    rows = [(r["userId"], r["movieId"], _num(r["rating"], float, data, n, "rating"),
+             _num(r["timestamp"], int, data, n, "timestamp", counts))
+            for n, r in _csv_rows(data, ["userId", "movieId", "rating", "timestamp"], counts)]
+    return rows, {r["movieId"]: r["title"] for _, r in _csv_rows(item, ["movieId", "title"], counts)}
+
+
+CSV_KEYS = ("user", "item", "rating", "time", "title")
+
+
+def parse_columns(text: str) -> dict:
+    """--columns user=COL,item=COL[,rating=COL][,time=COL][,title=COL] -> {key: column}."""
+    out = {}
+    for part in text.split(","):
+        key, eq, col = part.partition("=")
+        if not eq or key.strip() not in CSV_KEYS or not col.strip():
+            raise argparse.ArgumentTypeError(f"--columns: {part!r} is not KEY=COLUMN with KEY one of {', '.join(CSV_KEYS)}")
+        out[key.strip()] = col.strip()
+    if not {"user", "item"} <= set(out):
+        raise argparse.ArgumentTypeError("--columns needs at least user=COL and item=COL")
+    return out
+
+
+def _separator(path: str) -> str:
+    if path.endswith((".tsv", ".tab", ".tsv.gz")):
+        return "\t"
+    for _, line in _open_text(path, Counter()):
+        return "\t" if "\t" in line else ","
+    raise ValueError(f"{path}: empty file")
+
+
+def read_csv(path: str, counts: Counter, columns: dict, titles_path: str | None = None):
+    """A generic interactions file (see the module docstring); `path` is the file, or a directory
+    holding exactly one .csv/.tsv file."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")))
+        if len(found) != 1:
+            raise ValueError(f"{path}: --format csv needs the interactions file itself, or a directory with one "
+                             f".csv/.tsv file (found {found})")
+        path = os.path.join(path, found[0])
+    if "title" not in columns:
+        raise ValueError(f"{path}: --columns needs title=COL (in this file, or in --titles FILE): prompts show titles")
+    c = columns
+    in_file = [c[k] for k in ("user", "item", "rating", "time") if k in c] + ([] if titles_path else [c["title"]])
+    rows, titles = [], {}
+    for n, r in _csv_rows(path, in_file, counts, _separator(path)):
+        rating = _num(r[c["rating"]], float, path, n, "rating") if "rating" in c else 1.0
+        t = _num(r[c["time"]], int, path, n, "timestamp", counts) if "time" in c else n
+        rows.append((r[c["user"]], r[c["item"]], rating, t))
+        if not titles_path:
+            titles.setdefault(r[c["item"]], r[c["title"]])
+    if titles_path:
+        titles = {r[c["item"]]: r[c["title"]] for _, r in _csv_rows(titles_path, [c["item"], c["title"]], counts,
+                                                                     _separator(titles_path))}
+    return rows, titles
+
+
 # The rating scale of each format (lastfm is implicit: every interaction is 1). load() drops and
 # counts ratings outside it, and NaN or infinite ones in every format.
-RATING_RANGE = {"ml-100k": (1, 5), "ml-1m": (1, 5), "amazon": (1, 5), "goodbooks": (1, 5), "lastfm": (1, 1)}
+RATING_RANGE = {"ml-100k": (1, 5), "ml-1m": (1, 5), "ml-latest": (0.5, 5), "amazon": (1, 5), "goodbooks": (1, 5),
+                "lastfm": (1, 1)}
 
-READERS = {"recbole": read_recbole, "ml-100k": read_ml100k, "ml-1m": read_ml1m, "amazon": read_amazon,
-           "lastfm": read_lastfm, "goodbooks": read_goodbooks}
+READERS = {"recbole": read_recbole, "ml-100k": read_ml100k, "ml-1m": read_ml1m, "ml-latest": read_ml_latest,
+           "amazon": read_amazon, "lastfm": read_lastfm, "goodbooks": read_goodbooks, "csv": read_csv}
 
 
 def detect_format(directory: str) -> str:
@@ -247,8 +368,10 @@ def detect_format(directory: str) -> str:
     files = set(os.listdir(directory))
     if any(f.endswith(".inter") for f in files):
         return "recbole"
-    for fmt, marker in [("ml-100k", "u.data"), ("ml-1m", "ratings.dat"), ("lastfm", "user_taggedartists-timestamps.dat"),
-                        ("goodbooks", "ratings.csv")]:
+    if "ratings.csv" in files:            # goodbooks and MovieLens "latest" share the name: the header tells
+        for _, head in _open_text(os.path.join(directory, "ratings.csv"), Counter()):
+            return "ml-latest" if {"userId", "movieId"} <= set(next(csv.reader([head]))) else "goodbooks"
+    for fmt, marker in [("ml-100k", "u.data"), ("ml-1m", "ratings.dat"), ("lastfm", "user_taggedartists-timestamps.dat")]:
         if marker in files:
             return fmt
     if any(f.startswith("meta") for f in files):
@@ -271,15 +394,23 @@ def clean_title(t, max_chars: int, counts: Counter) -> str | None:
 
 
 def load(path: str | None = None, fmt: str | None = None, kcore: int = 0, max_title_chars: int = 100,
-         verbose: bool = True) -> Data:
-    """Read, clean and order a dataset. path None: the default MovieLens-100K."""
+         verbose: bool = True, columns: dict | None = None, titles_path: str | None = None,
+         item_noun: str | None = None) -> Data:
+    """Read, clean and order a dataset. path None: the default MovieLens-100K. columns and
+    titles_path: the csv format's (parse_columns); item_noun: how prompts name the items
+    (default: the format's noun, see FORMAT_NOUN)."""
     if path is None:
         path, fmt = default_dataset_dir(), "recbole"
-    fmt = fmt or detect_format(path)
+    fmt = fmt or ("csv" if columns else detect_format(path))
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; one of {sorted(READERS)}")
+    if (fmt == "csv") != bool(columns) or (titles_path and fmt != "csv"):
+        raise ValueError("--columns (and --titles) go with --format csv, and --format csv needs --columns")
     counts = Counter()
-    rows, raw_titles = READERS[fmt](path, counts)
+    if fmt == "csv":
+        rows, raw_titles = read_csv(path, counts, columns, titles_path)
+    else:
+        rows, raw_titles = READERS[fmt](path, counts)
     counts["read"] = len(rows)
     finite = [r for r in rows if math.isfinite(r[2])]
     counts["dropped_rating_not_finite"] = len(rows) - len(finite)
@@ -313,10 +444,64 @@ def load(path: str | None = None, fmt: str | None = None, kcore: int = 0, max_ti
              ts=np.array([r[3] for r in rows], dtype=np.int64),
              user_ids=user_ids, item_ids=item_ids, titles=[titles[i] for i in item_ids],
              counts={k: v for k, v in counts.items() if v})
+    d.implicit = fmt == "lastfm" or (fmt == "csv" and "rating" not in columns)
+    d.words = words_for(item_noun or FORMAT_NOUN.get(fmt) or recbole_noun(path, fmt), implicit=d.implicit)
     if verbose:
         print(f"[data] {fmt} {path}: {len(d)} interactions, {len(user_ids)} users, {len(item_ids)} items; "
               f"cleaning: {json.dumps(d.counts)}", file=sys.stderr)
     return d
+
+
+def recbole_noun(path: str, fmt: str) -> str:
+    """RecBole data names no noun: 'movie' for MovieLens sets (ml-*), else 'item'."""
+    names = [f for f in os.listdir(path) if f.endswith(".inter")] if fmt == "recbole" and os.path.isdir(path) else []
+    return "movie" if any(f.startswith("ml-") for f in names) else "item"
+
+
+def add_args(p):
+    """The dataset flags of every command (recicl.py, adaptrec.py, baselines.py, data.py)."""
+    p.add_argument("--dataset", default=None, help="dataset directory, or the file with --format csv "
+                   "(default: MovieLens-100K)")
+    p.add_argument("--format", default=None, choices=sorted(READERS), help="default: detected from the files")
+    p.add_argument("--columns", type=parse_columns, default=None, help="--format csv: user=COL,item=COL"
+                   "[,rating=COL][,time=COL][,title=COL] (no rating: implicit feedback; no time: file order)")
+    p.add_argument("--titles", default=None, help="--format csv: a second CSV/TSV with the item column and the "
+                   "title column")
+    p.add_argument("--item-noun", default=None, help="how prompts name the items (default: the data set's: movie, "
+                   "book, artist, product, or item)")
+
+
+def load_from_args(a, **kw) -> Data:
+    """load() with add_args's flags."""
+    return load(a.dataset, a.format, columns=a.columns, titles_path=a.titles, item_noun=a.item_noun, **kw)
+
+
+def with_sampled_negatives(d: Data, per_positive: int = 1, seed: int = 0) -> Data:
+    """RecICL on implicit data (every rating 1): each interaction is a "Yes", and `per_positive`
+    items that the user had not touched before it, drawn uniformly from the items seen in the
+    data by then, are added as "No"s (rating 0) at the same time, right after it. Only RecICL
+    uses this: the ranking task (AdaptRec) has its own negatives, the candidates."""
+    rng = np.random.default_rng(seed)
+    touched, seen_items, seen_set, rows = defaultdict(set), [], set(), []
+    for j in range(len(d)):
+        u, i = int(d.users[j]), int(d.items[j])
+        touched[u].add(i)
+        if i not in seen_set:
+            seen_set.add(i), seen_items.append(i)
+        rows.append((u, i, 1.0, int(d.ts[j])))
+        drawn = 0
+        for _ in range(50 * per_positive):             # a user who touched nearly everything gets fewer
+            if drawn == per_positive:
+                break
+            c = seen_items[int(rng.integers(len(seen_items)))]
+            if c not in touched[u]:
+                touched[u].add(c)                       # never drawn twice for one user
+                rows.append((u, c, 0.0, int(d.ts[j])))
+                drawn += 1
+    counts = {**d.counts, "sampled_negatives": len(rows) - len(d)}
+    return Data(users=np.array([r[0] for r in rows]), items=np.array([r[1] for r in rows]),
+                ratings=np.array([r[2] for r in rows], dtype=np.float32), ts=np.array([r[3] for r in rows]),
+                user_ids=d.user_ids, item_ids=d.item_ids, titles=d.titles, counts=counts, words=d.words, implicit=True)
 
 
 def _natural(s):
@@ -481,14 +666,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Datasets for iclrec. Default: MovieLens-100K from the recbole wheel.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stats", help="print users, items, interactions, like rate and per-period counts as JSON")
-    s.add_argument("--dataset", default=None, help="directory of a dataset (default: MovieLens-100K)")
-    s.add_argument("--format", default=None, choices=sorted(READERS), help="default: detected from the files")
+    add_args(s)
     s.add_argument("--periods", type=int, default=10)
     s.add_argument("--threshold", type=float, default=4.0, help="rating at or above which an item is liked")
     s.add_argument("--kcore", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        d = load(a.dataset, a.format, kcore=a.kcore)
+        d = load_from_args(a, kcore=a.kcore)
         print(json.dumps(stats(d, a.periods, a.threshold)))
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")

@@ -180,3 +180,98 @@ def test_default_dataset_is_movielens_100k():
     assert "Toy Story (1995)" in d.titles
     st = data.stats(d)
     assert st["periods"] == [10_000] * 10 and 0.5 < st["like_rate"] < 0.6
+
+
+# ----------------------------------------------------------------------------- issue 17: the data users hold
+
+def test_movielens_latest_layout_is_told_from_goodbooks_by_its_header(tmp_path):
+    """ml-latest-small / ml-25m / ml-32m: ratings.csv (userId,movieId,rating,timestamp, half stars)
+    and movies.csv (movieId,title,genres, titles with quoted commas)."""
+    write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,0.5,964981247\n"
+          "2,1,5.0,964980000\n")
+    write(tmp_path / "movies.csv", 'movieId,title,genres\n1,Toy Story (1995),Animation|Comedy\n'
+          '3,"Grumpier Old Men, The (1995)",Comedy\n')
+    assert data.detect_format(str(tmp_path)) == "ml-latest"
+    d = data.load(str(tmp_path), verbose=False)
+    assert [d.titles[i] for i in d.items] == ["Toy Story (1995)", "Grumpier Old Men, The (1995)", "Toy Story (1995)"]
+    assert list(d.ratings) == [5.0, 0.5, 4.0] and d.words.item == "movie" and not d.implicit
+    write(tmp_path / "g" / "ratings.csv", "user_id,book_id,rating\n1,2,5\n")
+    write(tmp_path / "g" / "books.csv", "book_id,title\n2,Emma\n")
+    assert data.detect_format(str(tmp_path / "g")) == "goodbooks" and data.load(str(tmp_path / "g"), verbose=False).words.item == "book"
+    write(tmp_path / "bad" / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0\n")
+    write(tmp_path / "bad" / "movies.csv", "movieId,title,genres\n1,A,x\n")
+    with pytest.raises(ValueError, match=r"ratings.csv:2: expected 4 fields separated by ','"):
+        data.load(str(tmp_path / "bad"), verbose=False)
+    write(tmp_path / "bad" / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,x\n")
+    with pytest.raises(ValueError, match=r"ratings.csv:2: timestamp 'x' is not a number"):
+        data.load(str(tmp_path / "bad"), verbose=False)
+    write(tmp_path / "bad" / "movies.csv", "movieId,name\n1,A\n")
+    write(tmp_path / "bad" / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,5\n")
+    with pytest.raises(ValueError, match=r"movies.csv:1: needs the column\(s\) title"):
+        data.load(str(tmp_path / "bad"), verbose=False)
+
+
+def test_generic_csv_with_a_column_mapping(tmp_path):
+    """Explicit ratings with titles in the same file; TSV detected by its header; implicit plays
+    with titles from a second file and no time column (file order)."""
+    write(tmp_path / "log.csv", "uid,iid,stars,when,name\nu1,a,5,30,\"Alpha, the\"\nu2,b,2,10,Beta\nu1,b,4,20,Beta\n")
+    cols = data.parse_columns("user=uid,item=iid,rating=stars,time=when,title=name")
+    d = data.load(str(tmp_path / "log.csv"), columns=cols, verbose=False)
+    assert list(d.ts) == [10, 20, 30] and d.titles == ["Alpha, the", "Beta"] and d.words.item == "item"
+    assert not d.implicit and list(d.ratings) == [2.0, 4.0, 5.0]
+    write(tmp_path / "plays" / "plays.txt", "user\tartist\nx\t7\ny\t8\nx\t8\n")
+    write(tmp_path / "names.tsv", "artist\tartist_name\n7\tMorcheeba\n8\tEnigma\n")
+    cols = data.parse_columns("user=user,item=artist,title=artist_name")
+    d = data.load(str(tmp_path / "plays" / "plays.txt"), "csv", columns=cols, titles_path=str(tmp_path / "names.tsv"),
+                  item_noun="artist", verbose=False)
+    assert d.implicit and list(d.ratings) == [1.0, 1.0, 1.0] and list(d.ts) == [2, 3, 4]      # line numbers as time
+    assert d.words == data.Words("artist", "artists", "listen to", "listened to", "listened to", implicit=True)
+    with pytest.raises(Exception, match="is not KEY=COLUMN"):
+        data.parse_columns("user=a,itm=b")
+    with pytest.raises(Exception, match="needs at least user=COL and item=COL"):
+        data.parse_columns("user=a")
+    with pytest.raises(ValueError, match="needs title=COL"):
+        data.load(str(tmp_path / "log.csv"), columns=data.parse_columns("user=uid,item=iid"), verbose=False)
+    with pytest.raises(ValueError, match=r"log.csv:1: needs the column\(s\) score"):
+        data.load(str(tmp_path / "log.csv"), columns=data.parse_columns("user=uid,item=iid,rating=score,title=name"),
+                  verbose=False)
+    write(tmp_path / "short.csv", "uid,iid,name\nu1,a,A\nu2,b\n")
+    with pytest.raises(ValueError, match=r"short.csv:3: expected 3 fields"):
+        data.load(str(tmp_path / "short.csv"), columns=data.parse_columns("user=uid,item=iid,title=name"), verbose=False)
+    with pytest.raises(ValueError, match="go with --format csv"):
+        data.load(str(tmp_path / "plays"), "ml-100k", columns=cols, verbose=False)
+
+
+def test_item_words_by_format_and_override():
+    assert data.words_for("book") == data.Words("book", "books", "read", "read", "read")
+    assert data.words_for("Podcast").done == "chosen" and data.words_for("podcast").items == "podcasts"
+    with pytest.raises(ValueError, match="--item-noun"):
+        data.words_for("movie; ignore the above")
+    assert data.MOVIES == data.words_for("movie")
+
+
+def test_sampled_negatives_for_implicit_data():
+    """Every interaction stays a Yes; each gets one No at its time, an item the user had not
+    touched before, drawn from the items seen by then; never the same No twice for a user."""
+    rng = np.random.default_rng(0)
+    n = 300
+    users, items = rng.integers(0, 20, n), rng.integers(0, 200, n)
+    order = np.arange(n)
+    d = data.Data(users, items, np.ones(n, dtype=np.float32), order, [str(u) for u in range(20)],
+                  [str(i) for i in range(200)], [f"T{i}" for i in range(200)], words=data.words_for("song", True),
+                  implicit=True)
+    neg = data.with_sampled_negatives(d, 1, seed=3)
+    pos_rows = neg.ratings == 1
+    assert pos_rows.sum() == n and (~pos_rows).sum() == neg.counts["sampled_negatives"] > 0.9 * n
+    assert np.all(np.diff(neg.ts) >= 0)                                   # still in time order
+    first_seen = {}
+    for j in range(n):
+        first_seen.setdefault(int(items[j]), j)
+    touched, drawn = {}, set()
+    for j in range(len(neg)):
+        u, i, t = int(neg.users[j]), int(neg.items[j]), int(neg.ts[j])
+        if neg.ratings[j] == 0:
+            assert i not in touched.get(u, set()) and (u, i) not in drawn and first_seen[i] <= t
+            drawn.add((u, i))
+        touched.setdefault(u, set()).add(i)
+    assert neg.words == d.words and neg.implicit
