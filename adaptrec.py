@@ -72,9 +72,10 @@ from tokenizer import Tokenizer
 import train as trainer
 from fetch import atomic_path, write_json
 
-SYSTEM = ("Recommend the movie the user will watch next. Answer with exactly one title from the "
+# Templates: {item}, {items}, {do}, {did}, {done} are the data set's words (data.Words).
+SYSTEM = ("Recommend the {item} the user will {do} next. Answer with exactly one title from the "
           "candidates and nothing else.\n\n")
-JUDGE_SYSTEM = ("Compare the movie tastes of two users from the movies they watched. Rate how similar the tastes "
+JUDGE_SYSTEM = ("Compare the {item} tastes of two users from the {items} they {did}. Rate how similar the tastes "
                 "of user A and user B are, from 1 (not at all) to 9 (the same).\n\n")
 JUDGE_QUESTION = "How similar, from 1 to 9? Answer:"   # short: it is repeated in each of the N continuations
 SELECTIONS = ("llm", "embed", "random")
@@ -254,17 +255,23 @@ def rating_ids(tok: Tokenizer) -> tuple[list, list]:
     return lead, [t[-1] for t in tails]
 
 
-def judge_texts(history_titles: list, others_titles: list) -> tuple[str, list]:
+def say(template: str, w: data.Words) -> str:
+    """A template with the data set's words filled in."""
+    return template.format(item=w.item, items=w.items, do=w.do, did=w.did, done=w.done)
+
+
+def judge_texts(history_titles: list, others_titles: list, w: data.Words = data.MOVIES) -> tuple[str, list]:
     """The judge's prompt: a prefix with user A, one continuation per user B."""
-    prefix = JUDGE_SYSTEM + f"User A has watched {data.quoted_list(history_titles)}.\n"
-    return prefix, [f"User B has watched {data.quoted_list(o)}.\n{JUDGE_QUESTION}" for o in others_titles]
+    prefix = say(JUDGE_SYSTEM, w) + f"User A has {w.done} {data.quoted_list(history_titles)}.\n"
+    return prefix, [f"User B has {w.done} {data.quoted_list(o)}.\n{JUDGE_QUESTION}" for o in others_titles]
 
 
-def prompt_key() -> str:
+def prompt_key(w: data.Words = data.MOVIES) -> str:
     """A hash of the judge's and the recommender's prompts rendered on fixed stand-in inputs:
-    any change to a template changes it, so the caches of LLM outputs follow the prompts."""
-    prefix, conts = judge_texts(["A", "B"], [["C"], ["D", "E"]])
-    rec = Prompter.render_text([(["F"], "G")], ["H"], ["I", "J"])
+    any change to a template (or to the items' words) changes it, so the caches of LLM outputs
+    follow the prompts."""
+    prefix, conts = judge_texts(["A", "B"], [["C"], ["D", "E"]], w)
+    rec = Prompter.render_text([(["F"], "G")], ["H"], ["I", "J"], w)
     return hashlib.sha1("\x00".join([prefix, *conts, rec]).encode()).hexdigest()[:8]
 
 
@@ -272,11 +279,11 @@ def prompt_key() -> str:
 def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size: int = 16) -> list:
     """Expected similarity rating (1..9) of the target history against each other sequence."""
     lead, digit_ids = digits
-    prefix, conts = judge_texts([d.titles[i] for i in history], [[d.titles[i] for i in o] for o in others])
+    prefix, conts = judge_texts([d.titles[i] for i in history], [[d.titles[i] for i in o] for o in others], d.words)
     conts = [tok.encode(c, bos=False) + lead for c in conts]
     p = torch.softmax(generate.next_token_logits(model, conts, prefix=tok.encode(prefix), batch_size=batch_size,
                                           vocab_ids=digit_ids), -1)
-    return (p @ torch.arange(1, 10, dtype=torch.float32)).tolist()
+    return (p @ torch.arange(1, 10, dtype=p.dtype, device=p.device)).tolist()
 
 
 def judge_cache_ok(saved) -> bool:
@@ -362,8 +369,9 @@ class Selector:
 
 # ----------------------------------------------------------------------------- stage 3: prompts
 
-def demo_line(k: int, history_titles: list, chosen: str) -> str:
-    return f"Similar user {k} has watched {data.quoted_list(history_titles)}. Based on this, they chose {data.quote(chosen)} next.\n"
+def demo_line(k: int, history_titles: list, chosen: str, w: data.Words = data.MOVIES) -> str:
+    return (f"Similar user {k} has {w.done} {data.quoted_list(history_titles)}. Based on this, they chose "
+            f"{data.quote(chosen)} next.\n")
 
 
 class Prompter:
@@ -381,17 +389,18 @@ class Prompter:
         return items[:-1][-self.demo_history:] + items[-1:]
 
     @staticmethod
-    def render_text(demos: list, history: list, candidates: list) -> str:
+    def render_text(demos: list, history: list, candidates: list, w: data.Words = data.MOVIES) -> str:
         """demos: [(history titles, chosen title)] in display order (user 1 first); titles only."""
-        lines = [demo_line(k + 1, h, chosen) for k, (h, chosen) in enumerate(demos)]
-        query = (f"This user has watched {data.quoted_list(history)}. Recommend one movie from these "
+        lines = [demo_line(k + 1, h, chosen, w) for k, (h, chosen) in enumerate(demos)]
+        query = (f"This user has {w.done} {data.quoted_list(history)}. Recommend one {w.item} from these "
                  f"candidates: {data.quoted_list(candidates)}.\nAnswer:")
-        return SYSTEM + "".join(lines) + ("\n" if lines else "") + query
+        return say(SYSTEM, w) + "".join(lines) + ("\n" if lines else "") + query
 
     def text(self, demos: list, history: list, candidates: list) -> str:
         """demos: units in display order (user 1 first)."""
         shown = [self.titles(self.shown(u)) for u in demos]
-        return self.render_text([(t[:-1], t[-1]) for t in shown], self.titles(history), self.titles(candidates))
+        return self.render_text([(t[:-1], t[-1]) for t in shown], self.titles(history), self.titles(candidates),
+                                self.d.words)
 
     def ids(self, r: data.SeqRow, demos: list) -> list:
         """Prompt ids for row r; the least similar demonstrations go first (and are dropped first)."""
@@ -493,7 +502,8 @@ def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: di
         chunk = order[s:s + batch_size]
         cache, logits = generate.prefill_batch(model, [prompts[k] for k in chunk], max_new_tokens)
         for b, k in enumerate(chunk):
-            logprobs[k] = generate.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in rows[k].candidates])
+            logprobs[k] = generate.logprobs_after(model, cache.row(b), logits[b],
+                                                  [prompter.answer(c) for c in rows[k].candidates]).cpu()
         new = generate.decode(model, cache, logits, max_new_tokens, stop=["\n"], tokenizer=tok)
         for k, ids in zip(chunk, new):
             answers[k] = tok.decode(ids).strip().split("\n")[0].strip()
@@ -536,8 +546,7 @@ def rank_metrics(ranks) -> dict:
 
 def add_common(p):
     p.add_argument("--model", default=None, help="HF Llama directory (default: SmolLM2-135M-Instruct, fetched once)")
-    p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
-    p.add_argument("--format", default=None, choices=sorted(data.READERS))
+    data.add_args(p)
     p.add_argument("--out", default="runs/adaptrec", help="output directory; each configuration's adapter is tuned "
                    "into OUT/m<M>-<select> (OUT/m0 without demonstrations)")
     p.add_argument("--n", type=trainer.count(1), default=10, help="users retrieved in stage 1 (N)")
@@ -545,7 +554,7 @@ def add_common(p):
     p.add_argument("--judge-history", type=trainer.count(1), default=5, help="last items of each retrieved user shown to the stage-2 judge")
     p.add_argument("--prompt-budget", type=trainer.count(16), default=1024, help="prompt budget in tokens; the least similar demonstrations, then the oldest history items, are dropped to meet it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
+    generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
 
@@ -569,16 +578,16 @@ class Setup:
 
 
 def setup(a, log) -> Setup:
-    d = data.load(a.dataset, a.format)
+    d = data.load_from_args(a)
     rows = data.sequential_rows(d, seed=a.seed)
     pool = build_pool(d)
-    model, tok = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)
+    model, tok = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)
     if a.prompt_budget + 64 > model.args.max_seq_len:
         raise ValueError(f"--prompt-budget {a.prompt_budget} + 64 answer tokens exceeds the model's context of {model.args.max_seq_len}")
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
     retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.safetensors"), key), a.n, log=log)
-    selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-{prompt_key()}-h{a.judge_history}.json"),
+    selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-{prompt_key(d.words)}-h{a.judge_history}.json"),
                         key, a.judge_history, log)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "
         f"pool of {len(pool.users)} users; N={a.n}, budget {a.prompt_budget} tokens")
@@ -652,7 +661,7 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     steps = max(1, round(len(examples) * a.epochs / a.batch_size))
     log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
            f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
-    model = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
+    model = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)[0]
     trainer.make_trainable(model, trainer.lora_from_args(a))
     cfg = trainer.config_from_args(a, os.path.join(a.out, run_name(m, how)), steps)
     # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
@@ -694,7 +703,7 @@ def causal_pop(d: data.Data, rows: list) -> np.ndarray:
 @torch.inference_mode()
 def title_prior(model, tok, prompter: Prompter, items: list) -> dict:
     """item -> log p(' "<title>"' + EOS | a prompt with no user in it), from the base model."""
-    prompt = tok.encode(SYSTEM + "Recommend one movie.\nAnswer:")
+    prompt = tok.encode(say(SYSTEM, prompter.d.words) + f"Recommend one {prompter.d.words.item}.\nAnswer:")
     cache, logits = generate.prefill_batch(model, [prompt], 0)
     lp = generate.logprobs_after(model, cache.row(0), logits[0], [prompter.answer(i) for i in items])
     return dict(zip(items, lp.tolist()))
@@ -765,7 +774,7 @@ def cmd_eval(a):
                 log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
                        f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
                 continue
-            model, name = generate.load_model(a.model, dtype=a.dtype, plain=a.plain, tuned=path)[0], "AdaptRec"
+            model, name = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0], "AdaptRec"
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
@@ -830,7 +839,7 @@ def cmd_recommend(a):
     print(f"stage 2 ({a.select}): {len(chosen)} demonstrations (*)")
     adapter = adapter_dir(a.out, a.m, a.select)
     if trainer.is_saved(adapter):
-        s.model = generate.load_model(a.model, dtype=a.dtype, plain=a.plain, tuned=adapter)[0]
+        s.model = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=adapter)[0]
     else:
         log_fn(f"[adaptrec] no adapter at {adapter}: answering with the base model (run: python adaptrec.py train)")
     units_by_row = {row_key(row): chosen}
@@ -867,6 +876,7 @@ def main(argv=None):
     r.add_argument("--m", type=trainer.count(0), default=5)
     r.add_argument("--select", default="llm", choices=SELECTIONS)
     a = p.parse_args(argv)
+    a.dtype = generate.default_dtype(a.device, a.dtype)
     torch.manual_seed(a.seed)
     trainer.run_cli({"train": cmd_train, "eval": cmd_eval, "recommend": cmd_recommend}, a)
 

@@ -18,6 +18,9 @@ with their true answers, then the query block ending in "Answer:". The loss is a
 cross-entropy over the " Yes" / " No" logits at that last position (the notes: the
 reference's class-balanced BCE gives zero loss on one-class batches); the score is
 logit(Yes) - logit(No). Both answers must be single, distinct tokens (checked at start-up).
+Implicit data (no ratings): every interaction is a Yes, and --implicit-negatives items the user
+had not touched, drawn per interaction from the items seen by then, are the No's
+(data.with_sampled_negatives); the history is then what the user did, not what they liked.
 
 CPU defaults (a 2-core machine, SmolLM2-135M): a subsample of the training samples, shorter
 histories inside demonstrations (--demo-history 3; the query keeps up to 10 liked titles) and a
@@ -44,23 +47,28 @@ from tokenizer import Tokenizer
 import train as trainer
 from fetch import write_json
 
-SYSTEM = "Predict whether the user will enjoy the movie, from the movies the user rated highly before.\n\n"
-
-
 # ----------------------------------------------------------------------------- prompts
 
-def block(liked_titles: list, title: str, answer: int | None = None) -> str:
+def system_line(w: data.Words = data.MOVIES) -> str:
+    return (f"Predict whether the user will enjoy the {w.item}, from the {w.items} the user "
+            f"{w.did if w.implicit else 'rated highly'} before.\n\n")
+
+
+def block(liked_titles: list, title: str, answer: int | None = None, w: data.Words = data.MOVIES) -> str:
+    """One block; w names the items (data.Words). Implicit data: the history is what the user
+    did ("has listened to the following artists"), not what they rated highly."""
     liked = data.quoted_list(liked_titles) if liked_titles else "none yet"
-    text = (f"A user has given high ratings to the following movies: {liked}. Leverage this to predict whether "
-            f"the user would enjoy the movie titled {data.quote(title)}. Answer with \"Yes\" or \"No\".\nAnswer:")
+    text = (f"A user has {w.done if w.implicit else 'given high ratings to'} the following {w.items}: {liked}. Leverage "
+            f"this to predict whether the user would enjoy the {w.item} titled {data.quote(title)}. Answer with \"Yes\" "
+            "or \"No\".\nAnswer:")
     return text if answer is None else text + (" Yes\n\n" if answer else " No\n\n")
 
 
-def split_query(liked_titles: list, title: str) -> tuple[str, str]:
+def split_query(liked_titles: list, title: str, w: data.Words = data.MOVIES) -> tuple[str, str]:
     """The query block cut before ' "title"...': the first part is the same for every candidate.
     The cut falls at a pre-tokenizer boundary (a word, then ' "'), so tokenizing the two parts
     separately gives the same ids as tokenizing the whole block."""
-    full = block(liked_titles, title)
+    full = block(liked_titles, title, w=w)
     cut = full.rindex(" " + data.quote(title) + ". Answer with")      # the query's own item is the last one
     return full[:cut], full[cut:]
 
@@ -78,11 +86,12 @@ class Prompter:
 
     def demo_text(self, s: data.Sample) -> str:
         hist = s.history[-self.demo_history:] if self.demo_history else []
-        return block(self.titles(hist), self.d.titles[s.item], s.label)
+        return block(self.titles(hist), self.d.titles[s.item], s.label, self.d.words)
 
     def text(self, demos: list, history: list, title: str) -> str:
         """System line, demonstration blocks (oldest first), then the query block."""
-        return SYSTEM + "".join(self.demo_text(x) for x in demos) + block(self.titles(history), title)
+        return system_line(self.d.words) + "".join(self.demo_text(x) for x in demos) + block(self.titles(history), title,
+                                                                                              w=self.d.words)
 
     def fit(self, demos: list, history: list, title: str) -> tuple[str, list, list]:
         """data.fit_budget on this prompt, cutting the query's oldest history titles before any
@@ -166,7 +175,7 @@ class BlockPrompter:
     def parts(self, s: data.Sample) -> tuple[list, list]:
         if s.idx not in self._parts:
             hist = s.history[-self.demo_history:] if self.demo_history else []
-            text = block([self.d.titles[i] for i in hist], self.d.titles[s.item])
+            text = block([self.d.titles[i] for i in hist], self.d.titles[s.item], w=self.d.words)
             body = text[:-len(CUE)]
             if not text.endswith(CUE):
                 raise ValueError(f"a block must end in the cue {CUE!r}")
@@ -262,7 +271,7 @@ def score(model, prompter: Prompter, samples: list, ans: list, batch_size: int =
             chunk = order[s:s + batch_size]
             logits_fn = blocks_logits if blocks else yes_no_logits
             lg = logits_fn(model, [ids[k] for k in chunk], ans)
-            out[chunk] = (lg[:, 0] - lg[:, 1]).numpy()
+            out[chunk] = (lg[:, 0] - lg[:, 1]).cpu().numpy()
             if log and (s // batch_size) % 10 == 0:
                 log(f"  scored {min(s + batch_size, len(ids))}/{len(ids)} ({time.time() - t0:.0f}s)")
     return out
@@ -292,17 +301,19 @@ def make_loss_fn(prompter, ans: list):
 
 def add_common(p):
     p.add_argument("--model", default=None, help="HF Llama directory (default: SmolLM2-135M-Instruct, fetched once)")
-    p.add_argument("--dataset", default=None, help="dataset directory (default: MovieLens-100K)")
-    p.add_argument("--format", default=None, choices=sorted(data.READERS))
+    data.add_args(p)
     p.add_argument("--out", default="runs/recicl", help="output directory (default: runs/recicl)")
     p.add_argument("--periods", type=trainer.count(2), default=10)
     p.add_argument("--train-periods", type=trainer.count(1), default=5, help="D0..D(n-1) train; the rest are test periods")
-    p.add_argument("--threshold", type=trainer.real(-math.inf), default=4.0, help="rating at or above which the answer is Yes")
+    p.add_argument("--threshold", type=trainer.real(-math.inf), default=4.0, help="rating at or above which the answer is "
+                   "Yes (implicit data: every interaction, see --implicit-negatives)")
+    p.add_argument("--implicit-negatives", type=trainer.count(1), default=1, help="implicit data (no ratings): items the "
+                   "user had not touched, drawn per interaction as the No answers")
     p.add_argument("--demos", dest="k_demos", type=trainer.count(0), default=4, help="K demonstrations per prompt; 0 = TALLRec-style baseline")
     p.add_argument("--demo-history", type=trainer.count(0), default=3, help="liked titles shown inside each demonstration")
     p.add_argument("--prompt-budget", type=trainer.count(16), default=512, help="prompt budget in tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", type=generate.parse_dtype, default=torch.float32)
+    generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
     p.add_argument("--layout", choices=("causal", "blocks"), default="causal", help="causal: the paper's prompt, one "
@@ -315,16 +326,20 @@ def add_train_args(p):
     p.add_argument("--val-samples", type=trainer.count(1), default=96, help="held-out samples of the last training period")
     p.add_argument("--epochs", type=trainer.real(0, low_open=True), default=1.0)
     p.add_argument("--steps", type=trainer.count(0), default=0, help="optimizer steps (default: from samples and epochs)")
-    p.add_argument("--pack", type=trainer.count(0), default=16, help="--layout blocks: samples per packed training "
+    p.add_argument("--pack", type=trainer.count(0), default=32, help="--layout blocks: samples per packed training "
                    "sequence (a user's consecutive samples; 0 = one prompt per sample)")
     trainer.add_args(p, batch_size=None, lr=3e-4, lora_r=8, lora_dropout=0.05, resume_from="OUT/icl or OUT/nodemo",
                      batch_help="examples per optimizer step: prompts (default 8), or packs with --layout blocks (default 1)")
 
 
 def setup(a, log):
-    d = data.load(a.dataset, a.format)
+    d = data.load_from_args(a)
+    if d.implicit:          # the stated rule for implicit data: data.with_sampled_negatives
+        d, a.threshold = data.with_sampled_negatives(d, a.implicit_negatives, a.seed), 1.0
+        log(f"[recicl] implicit feedback: every interaction is a Yes, and {a.implicit_negatives} untouched "
+            f"{d.words.item}(s) drawn per interaction are No ({d.counts['sampled_negatives']} in all)")
     samples = data.recicl_samples(d, a.periods, a.threshold, k_demos=max(a.k_demos, 0), max_history=10)
-    model, tok = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)
+    model, tok = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)
     if a.prompt_budget > model.args.max_seq_len:
         raise ValueError(f"--prompt-budget {a.prompt_budget} exceeds the model's context of {model.args.max_seq_len} tokens")
     ans = answer_ids(tok)
@@ -421,10 +436,10 @@ def check_layout(run_dir: str, layout: str):
         raise ValueError(f"the adapter in {run_dir} was tuned with --layout {tuned}; this run has --layout {layout}")
 
 
-def tuned_model(adapter: str, model_dir: str | None, dtype, plain: bool):
+def tuned_model(adapter: str, model_dir: str | None, dtype, device, plain: bool):
     """A fresh copy of the base model with the adapter in directory `adapter` (or the whole model
     a full fine-tune saved there)."""
-    return generate.load_model(model_dir, dtype=dtype, plain=plain, tuned=adapter)[0]
+    return generate.load_model(model_dir, dtype=dtype, device=device, plain=plain, tuned=adapter)[0]
 
 
 def cmd_train(a):
@@ -559,7 +574,7 @@ def cmd_eval(a):
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
             check_layout(os.path.join(a.out, adapter), a.layout)
-            m = tuned_model(path, a.model, a.dtype, a.plain)
+            m = tuned_model(path, a.model, a.dtype, a.device, a.plain)
         llm[name] = {}
         for p, rs in rows.items():
             log_fn(f"[recicl] {name} on D{p} ({len(rs)} rows, {time.time() - t0:.0f}s so far)")
@@ -568,10 +583,10 @@ def cmd_eval(a):
     if a.update and "RecICL" in llm:
         def tune_through(p, out_dir):
             log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
-            fresh = generate.load_model(a.model, dtype=a.dtype, plain=a.plain)[0]
+            fresh = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)[0]
             tune(a, samples, fresh, prompters[a.k_demos], ans, p, out_dir)
         llm.update(updated_models(rows, prompters[a.k_demos], ans, os.path.join(a.out, "update"), tune_through,
-                                  lambda path: tuned_model(path, a.model, a.dtype, a.plain), a.score_batch))
+                                  lambda path: tuned_model(path, a.model, a.dtype, a.device, a.plain), a.score_batch))
     controls = control_scores(d, samples, rows, prompters[a.k_demos], a.k_demos, a.threshold, a.periods,
                               a.train_periods, a.seed, log_fn)
     best, diffs = paired_to_best(rows, {k: v for k, v in llm.items() if k != UPDATED}, controls)
@@ -652,7 +667,7 @@ def cmd_recommend(a):
     d, samples, model, tok, ans, prompter = setup(a, log_fn)
     path = trainer.adapter_dir(os.path.join(a.out, run_name(a.k_demos)))
     if trainer.is_saved(path):
-        model = tuned_model(path, a.model, a.dtype, a.plain)
+        model = tuned_model(path, a.model, a.dtype, a.device, a.plain)
     else:
         log_fn(f"[recicl] no adapter at {path}: ranking with the base model (run: python recicl.py train)")
     if a.user not in d.user_ids:
@@ -699,8 +714,9 @@ def rank_for_user(model, tok, prompter, d, history, cands, ans, k_demos: int, th
     longest = max(cands, key=lambda c: len(tok.encode(d.titles[c], bos=False)))
     _, demos, liked = prompter.fit(demos, liked, d.titles[longest])
     titles = prompter.titles(liked)
-    prefix = tok.encode(SYSTEM + "".join(prompter.demo_text(s) for s in demos) + split_query(titles, d.titles[longest])[0])
-    suffixes = [tok.encode(split_query(titles, d.titles[c])[1], bos=False) for c in cands]
+    prefix = tok.encode(system_line(d.words) + "".join(prompter.demo_text(s) for s in demos)
+                        + split_query(titles, d.titles[longest], d.words)[0])
+    suffixes = [tok.encode(split_query(titles, d.titles[c], d.words)[1], bos=False) for c in cands]
     lg = generate.next_token_logits(model, suffixes, prefix=prefix, batch_size=batch_size, vocab_ids=ans)
     s = (lg[:, 0] - lg[:, 1]).tolist()
     return sorted(zip(cands, s), key=lambda x: -x[1])
@@ -736,6 +752,7 @@ def main(argv=None):
     r.add_argument("--top", type=trainer.count(1), default=10)
     r.add_argument("--batch-size", type=trainer.count(1), default=32)
     a = p.parse_args(argv)
+    a.dtype = generate.default_dtype(a.device, a.dtype)
     if getattr(a, "batch_size", 0) is None:
         a.batch_size = 1 if a.layout == "blocks" and a.pack else 8
     if a.train_periods >= a.periods:

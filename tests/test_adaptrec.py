@@ -254,3 +254,26 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     assert "stage 1" in text and "recommendation (generated)" in text and "<- held-out next item" in text
     with pytest.raises(SystemExit):
         adaptrec.main(["recommend", *common, "--user", "no-such-user"])
+
+
+def test_prompts_and_cache_key_name_the_data_sets_items():
+    books = data.words_for("book")
+    prefix, conts = adaptrec.judge_texts(["A"], [["B"]], books)
+    rec = adaptrec.Prompter.render_text([(["C"], "D")], ["E"], ["F", "G"], books)
+    text = prefix + conts[0] + rec
+    assert "movie" not in text and "watch" not in text
+    assert "Recommend the book the user will read next." in rec and "Similar user 1 has read" in rec
+    assert "Compare the book tastes of two users from the books they read." in prefix
+    assert adaptrec.prompt_key(books) != adaptrec.prompt_key()
+
+
+def test_implicit_feedback_runs_end_to_end(tmp_path):
+    from conftest import make_tiny_dir
+    from test_recicl import write_tiny_plays
+    make_tiny_dir(tmp_path / "tiny", tie=True, max_position_embeddings=1400)
+    args = write_tiny_plays(tmp_path / "plays", n_users=14, n_items=60, per_user=18) + [
+        "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"), "--n", "4", "--prompt-budget", "1200"]
+    adaptrec.main(["train", *args, "--configs", "2:llm", "--train-rows", "4", "--batch-size", "4"])
+    adaptrec.main(["eval", *args, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"])
+    res = json.load(open(tmp_path / "out" / "results.json"))
+    assert res["rows"][0]["method"] == "AdaptRec" and res["rows"][0]["n"] == 4

@@ -95,9 +95,9 @@ def test_over_long_prompt_cuts_query_history_then_oldest_demos_and_keeps_query(s
     pr.prompt_budget = len(tok.encode(text[:-len(recicl.block(titles[1:], d.titles[s.item]))] + no_history)) - 1
     text, kept = pr.render(s)                 # no history left to cut: the oldest demonstration goes
     assert [x.idx for x in kept] == s.demo_idx[1:] and text.endswith(no_history)
-    pr.prompt_budget = len(tok.encode(recicl.SYSTEM + no_history))          # only the bare query fits
+    pr.prompt_budget = len(tok.encode(recicl.system_line() + no_history))          # only the bare query fits
     text, kept = pr.render(s)
-    assert kept == [] and text == recicl.SYSTEM + no_history
+    assert kept == [] and text == recicl.system_line() + no_history
     pr.prompt_budget -= 1
     with pytest.raises(ValueError, match="the query alone needs"):
         pr.render(s)
@@ -135,7 +135,7 @@ def test_shared_prefix_scoring_equals_separate_prompts(setup_dirs):
         for k in range(len(history) - 1, len(history)):
             i, r = history[k]
             demos.append(data.Sample(-1, -1, i, int(r >= 4), 0, 0, [x for x, rr in history[:k] if rr >= 4][-10:], []))
-        text = recicl.SYSTEM + "".join(pr.demo_text(s) for s in demos) + recicl.block([d.titles[i] for i in liked], d.titles[c])
+        text = recicl.system_line() + "".join(pr.demo_text(s) for s in demos) + recicl.block([d.titles[i] for i in liked], d.titles[c])
         assert len(tok.encode(text)) < pr.prompt_budget                # within budget: nothing was dropped
         with torch.no_grad():
             lg = recicl.yes_no_logits(m, [tok.encode(text)], ans)[0]
@@ -193,7 +193,7 @@ def test_demo_like_rate_reads_the_demonstrations_the_prompt_shows(setup_dirs):
     pr.prompt_budget = len(tok.encode(pr.render(s)[0])) - 1     # the query's history goes first: all demos stay
     assert len(pr.render(s)[1]) == 4
     no_history = recicl.block([], d.titles[s.item])
-    pr.prompt_budget = len(tok.encode(recicl.SYSTEM + "".join(pr.demo_text(samples[j]) for j in s.demo_idx[2:]) + no_history))
+    pr.prompt_budget = len(tok.encode(recicl.system_line() + "".join(pr.demo_text(samples[j]) for j in s.demo_idx[2:]) + no_history))
     kept = pr.render(s)[1]
     assert [x.idx for x in kept] == s.demo_idx[2:]
     ctrl = recicl.control_scores(d, samples, {s.period: [s]}, pr, k_demos=4, threshold=4.0, periods=10, train_periods=5,
@@ -335,3 +335,47 @@ def test_full_fine_tuning_trains_saves_and_evaluates_a_whole_model(setup_dirs):
     recicl.main(["eval", "--eval-samples", "6", "--rows-per-user", "3", "--methods", "recicl"] + common(model, ds, out) + small)
     res = json.load(open(os.path.join(out, "results.json")))
     assert len([r for r in res["rows"] if r["method"] == "RecICL"]) == 5
+
+
+def write_tiny_plays(path, n_users=8, n_items=40, per_user=20, seed=2):
+    """An implicit-feedback log (user, artist, time; no ratings) and a titles file."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "plays.csv"), "w") as f:
+        f.write("user,artist,time\n")
+        for u in range(n_users):
+            for i in rng.choice(n_items, per_user, replace=False):
+                f.write(f"u{u},{i},{rng.integers(1000, 5000)}\n")
+    with open(os.path.join(path, "artists.tsv"), "w") as f:
+        f.write("artist\tname\n" + "".join(f"{i}\tArtist {i}\n" for i in range(n_items)))
+    return ["--dataset", os.path.join(path, "plays.csv"), "--format", "csv", "--columns", "user=user,item=artist,time=time,title=name",
+            "--titles", os.path.join(path, "artists.tsv"), "--item-noun", "artist"]
+
+
+def test_prompts_name_the_data_sets_items():
+    books = data.words_for("book")
+    text = recicl.system_line(books) + recicl.block(["Emma"], "Dune", 1, books)
+    assert "books" in text and "book titled" in text and "movie" not in text
+    plays = data.words_for("artist", implicit=True)
+    assert recicl.block(["Enigma"], "Morcheeba", w=plays).startswith('A user has listened to the following artists: "Enigma".')
+    assert "the artists the user listened to before" in recicl.system_line(plays)
+    assert recicl.system_line() + recicl.block([], "Heat") == (
+        "Predict whether the user will enjoy the movie, from the movies the user rated highly before.\n\n"
+        'A user has given high ratings to the following movies: none yet. Leverage this to predict whether the user would '
+        'enjoy the movie titled "Heat". Answer with "Yes" or "No".\nAnswer:')
+
+
+def test_implicit_feedback_trains_and_evaluates_with_sampled_negatives(tmp_path, capsys):
+    """An interactions CSV without ratings: every interaction a Yes, one sampled No each (said so);
+    the prompts speak of artists; train and eval run."""
+    from conftest import make_tiny_dir
+    make_tiny_dir(tmp_path / "tiny", tie=True, max_position_embeddings=1024)
+    args = write_tiny_plays(tmp_path / "plays") + ["--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
+                                                   "--prompt-budget", "600"]
+    small = ["--train-samples", "8", "--val-samples", "4", "--steps", "2", "--batch-size", "2"]
+    recicl.main(["train"] + args + small)
+    assert "implicit feedback: every interaction is a Yes, and 1 untouched artist(s)" in capsys.readouterr().err
+    recicl.main(["eval", "--eval-samples", "10", "--rows-per-user", "5", "--methods", "recicl"] + args + small)
+    res = json.load(open(tmp_path / "out" / "results.json"))
+    rows = [r for r in res["rows"] if r["method"] == "RecICL"]
+    assert len(rows) == 5 and all(0 <= r["auc"] <= 1 for r in rows)          # both classes in every period
