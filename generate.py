@@ -47,6 +47,45 @@ def load_model(model_dir: str | None, dtype=torch.float32, device="cpu", plain: 
     return model, tok
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """--device: 'auto' is the first CUDA device when there is one, else the CPU; 'cpu', 'cuda' or
+    'cuda:N' must exist here (a clear error, not a failure deep inside a run)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: iclrec runs on cpu or cuda")
+    return dev
+
+
+def device_arg(name: str) -> torch.device:
+    """resolve_device as an argparse type (its message, not argparse's generic one)."""
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_device_args(p):
+    """--device and --dtype, for every command that loads the model."""
+    p.add_argument("--device", type=device_arg, default="auto", help="auto (default: a CUDA device when there is "
+                   "one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", type=parse_dtype, default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, "
+                   "float32 on the CPU, where fast.py's speed layer is float32)")
+
+
+def default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """--dtype, else bfloat16 on CUDA and float32 on the CPU."""
+    return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and valid mask. left=True ends every row at the last column (generation
     appends there); left=False starts every row at column 0 (continuations after a prefix)."""
@@ -216,7 +255,7 @@ def main(argv=None):
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--model", default=None, help="HF Llama directory (config.json, tokenizer.json, *.safetensors)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", type=parse_dtype, default=torch.float32, help="float32 (default) or bfloat16")
+    add_device_args(p)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -227,7 +266,7 @@ def main(argv=None):
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     try:
-        model, tok = load_model(a.model, dtype=a.dtype, plain=a.plain)
+        model, tok = load_model(a.model, dtype=default_dtype(a.device, a.dtype), device=a.device, plain=a.plain)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     try:

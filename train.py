@@ -384,11 +384,12 @@ def fmt_time(s: float) -> str:
 
 def run_settings(cfg: TrainConfig, run_config: dict | None) -> dict:
     """What a resumed run must share with its checkpoint: every training setting and the
-    caller's run description, less what only changes logging, checkpoint spacing or the code path (--plain: the same math)."""
+    caller's run description, less what only changes logging, checkpoint spacing or the code path (--plain: the same
+    math; --device: the same run on another machine)."""
     out = {f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("out_dir", "save_every", "log_every")}
     for k, v in (run_config or {}).items():
         if k == "args":
-            out.update({f"args.{a}": w for a, w in v.items() if a not in ("resume", "save_every", "out", "plain")})
+            out.update({f"args.{a}": w for a, w in v.items() if a not in ("resume", "save_every", "out", "plain", "device")})
         else:
             out[k] = v
     return json.loads(json.dumps(out, default=str))          # compared as they are stored

@@ -391,3 +391,30 @@ def test_a_killed_conversions_temporaries_are_removed(tmp_path):
     fetch.remove_dead_temporaries(str(tmp_path), ".convert-")
     fetch.remove_dead_temporaries(str(tmp_path), ".extract-")
     assert sorted(os.listdir(tmp_path)) == [f".convert-{os.getpid()}-live"]
+
+
+def test_device_selection(monkeypatch, capsys):
+    """--device: auto is CUDA when there is one, else the CPU; a device that is not here is a clear
+    error naming it (at parse time, before data or weights are read); dtype follows the device."""
+    import generate
+    import recicl
+    assert generate.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert generate.resolve_device("cpu") == torch.device("cpu")
+    assert generate.default_dtype(torch.device("cpu"), None) == torch.float32
+    assert generate.default_dtype(torch.device("cuda"), None) == torch.bfloat16
+    assert generate.default_dtype(torch.device("cuda"), torch.float32) == torch.float32
+    for name, message in [("meta", "iclrec runs on cpu or cuda"), ("mps:x", "not a device name"), ("tpu", "not a device name")]:
+        with pytest.raises(ValueError, match=re_escape(message)):
+            generate.resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="this machine has no CUDA device"):
+        generate.resolve_device("cuda")
+    with pytest.raises(SystemExit):
+        recicl.main(["eval", "--device", "cuda:0"])
+    assert "--device cuda:0: this machine has no CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert generate.resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match=re_escape("--device cuda:3: there are 1 CUDA device(s)")):
+        generate.resolve_device("cuda:3")
