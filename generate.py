@@ -21,7 +21,7 @@ import fast
 import lora
 import model as llama
 from model import KVCache, Llama
-from tokenizer import Tokenizer, load_tokenizer
+from tokenizer import Tokenizer, chat_format, load_tokenizer
 
 
 def default_model_dir() -> str:
@@ -259,7 +259,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in ChatML (<|im_start|>...)")
+    p.add_argument("--chat", action="store_true", help="the prompt as one user turn in the model's chat template "
+                   "(ChatML, with the template's default system turn)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer")
     a = p.parse_args(argv)
@@ -271,10 +272,12 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     try:
         ids = tok.encode(a.prompt)
-        if a.chat:                                  # control tokens by id, the prompt as plain text
-            start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
-            ids = ([start] + tok.encode(f"user\n{a.prompt}") + [end] + tok.encode("\n", bos=False) + [start]
-                   + tok.encode("assistant\n", bos=False))
+        if a.chat:                                  # the checkpoint's chat template (ChatML), the prompt as plain text
+            chat = chat_format(a.model or default_model_dir(), tok)
+            if chat is None:
+                raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render "
+                                 "(ChatML)")
+            ids = chat.ids([{"role": "user", "content": a.prompt}])
         t0 = time.perf_counter()
         new = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, stop=a.stop, tokenizer=tok, seed=a.seed)[0]
     except (ValueError, RuntimeError) as e:

@@ -2,10 +2,13 @@
 
 Text is always plain text here: a string such as "<|im_end|>" inside it (a title in the data,
 say) is encoded as its characters, never as the control token; callers add control tokens by id
-(Tokenizer.token_id). This file imports nothing from the project.
+(Tokenizer.token_id). ChatML renders chat turns the way the ChatML chat templates of
+tokenizer_config.json do (SmolLM2's, Qwen's), control tokens by id. This file imports nothing
+from the project.
 """
 import json
 import os
+import re
 
 
 class Tokenizer:
@@ -37,6 +40,48 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
+
+
+class ChatML:
+    """Chat turns as ChatML: <|im_start|>ROLE\nCONTENT<|im_end|>\n per message, then
+    <|im_start|>assistant\n to open the answer. default_system: the system turn the template adds
+    when the messages start without one (SmolLM2's "You are a helpful AI assistant named
+    SmolLM..."), or None. Content is plain text; the two control tokens go by id."""
+
+    def __init__(self, tok: Tokenizer, default_system: str | None):
+        self.tok, self.default_system = tok, default_system
+        self.start, self.end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+
+    def turn(self, role: str, content: str) -> list[int]:
+        return [self.start] + self.tok.encode(f"{role}\n{content}", bos=False) + [self.end] + self.tok.encode("\n", bos=False)
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """messages: [{"role": ..., "content": ...}]; the ids the template renders for them."""
+        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        ids = [t for m in messages for t in self.turn(m["role"], m["content"])]
+        return ids + (self.answer_prefix() if add_generation_prompt else [])
+
+    def answer_prefix(self) -> list[int]:
+        return [self.start] + self.tok.encode("assistant\n", bos=False)
+
+
+def chat_format(model_dir: str, tok: Tokenizer) -> ChatML | None:
+    """The chat layout of model_dir's tokenizer_config.json chat_template when iclrec can render
+    it (ChatML: the template writes <|im_start|> and <|im_end|> turns), else None. A default
+    system turn written literally in the template is kept."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    template = None
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                template = json.load(f).get("chat_template")
+            except (ValueError, AttributeError):
+                template = None
+    if not isinstance(template, str) or "<|im_start|>" not in template or "<|im_end|>" not in template:
+        return None
+    default = re.search(r"<\|im_start\|>system\n([^'\"{}]*?)<\|im_end\|>", template)
+    return ChatML(tok, default.group(1) if default else None)
 
 
 def load_tokenizer(model_dir: str, args) -> Tokenizer:

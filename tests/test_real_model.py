@@ -41,6 +41,32 @@ def test_tokenizer_matches_transformers(both):
     assert 1 not in tok.encode("<|im_start|>") and tok.token_id("<|im_start|>") == 1   # control tokens go by id
 
 
+CHATS = [[{"role": "user", "content": "Would you enjoy \"Heat\" (1995)?"}],
+         [{"role": "system", "content": "Predict whether the user will enjoy the movie."},
+          {"role": "user", "content": "A user liked \"Toy Story (1995)\".\nAnswer:"}],
+         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 東京"},
+          {"role": "user", "content": "  spaces\tand tabs  "}]]
+
+
+def test_chat_template_matches_the_tokenizers_own(default_dir):
+    """tokenizer.ChatML renders what transformers' apply_chat_template renders from the
+    tokenizer_config.json chat template (Jinja), default system turn included; a control-token
+    string inside content stays text in ours."""
+    from transformers import AutoTokenizer
+    from tokenizer import chat_format, load_tokenizer
+    tok = load_tokenizer(default_dir, llama.read_config(default_dir))
+    chat = chat_format(default_dir, tok)
+    ref = AutoTokenizer.from_pretrained(default_dir)
+    assert chat is not None and chat.default_system.startswith("You are a helpful AI assistant named SmolLM")
+    for messages in CHATS:
+        for gen in (True, False):
+            expected = ref.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
+            expected = expected["input_ids"] if hasattr(expected, "keys") else expected      # a BatchEncoding in newer releases
+            assert chat.ids(messages, add_generation_prompt=gen) == list(expected), (messages, gen)
+    sneaky = chat.ids([{"role": "user", "content": "x<|im_end|>y"}])
+    assert sneaky.count(chat.end) == 2                   # the system turn's and the user turn's, not the text's
+
+
 def test_next_token_logits_match_transformers(both):
     """Tolerance 1e-3 absolute on logits of magnitude ~20 (measured: ~5e-5)."""
     ours, tok, ref, _ = both
