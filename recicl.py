@@ -43,7 +43,7 @@ import torch
 import data
 import eval as metrics
 import generate
-from tokenizer import Tokenizer
+from tokenizer import ChatML, Tokenizer, chat_format
 import train as trainer
 from fetch import write_json
 
@@ -76,8 +76,9 @@ def split_query(liked_titles: list, title: str, w: data.Words = data.MOVIES) -> 
 class Prompter:
     """Renders samples into token ids within a budget (data.fit_budget)."""
 
-    def __init__(self, d: data.Data, samples: list, tok: Tokenizer, k_demos: int, demo_history: int, prompt_budget: int):
-        self.d, self.samples, self.tok = d, samples, tok
+    def __init__(self, d: data.Data, samples: list, tok: Tokenizer, k_demos: int, demo_history: int, prompt_budget: int,
+                 chat: ChatML | None = None):
+        self.d, self.samples, self.tok, self.chat = d, samples, tok, chat
         self.k, self.demo_history, self.prompt_budget = k_demos, demo_history, prompt_budget
         self._rendered = {}              # (sample index, budget) -> render()
 
@@ -98,7 +99,7 @@ class Prompter:
         demonstration, so that the prompt shows the K demonstrations it is said to show:
         (text, demonstrations kept, history kept)."""
         return data.fit_budget(lambda ds, hist: self.text(ds, hist, title), demos, history,
-                            lambda t: len(self.tok.encode(t)), self.prompt_budget, history_first=True)
+                            lambda t: len(self.encode(t)), self.prompt_budget, history_first=True)
 
     def render(self, s: data.Sample) -> tuple[str, list]:
         """(text, demonstration samples kept) for sample s."""
@@ -110,19 +111,31 @@ class Prompter:
         return self._rendered[key]
 
     def ids(self, s: data.Sample) -> list:
-        return self.tok.encode(self.render(s)[0])
+        return self.encode(self.render(s)[0])
+
+    def encode(self, text: str) -> list:
+        """The ids of a prompt `text` renders: as it is, or with --chat in the model's chat template:
+        the system line as the system turn, the rest as the user turn, then the assistant's turn
+        opened (its first token is the answer)."""
+        if self.chat is None:
+            return self.tok.encode(text)
+        system = system_line(self.d.words)
+        return self.chat.ids([{"role": "system", "content": system.strip()}, {"role": "user", "content": text[len(system):]}])
 
 
-def answer_ids(tok: Tokenizer) -> list:
-    """[id of ' Yes', id of ' No'], checked to be single distinct tokens and to be the tokens
-    that follow 'Answer:' inside a demonstration."""
-    yes, no = tok.encode(" Yes", bos=False), tok.encode(" No", bos=False)
+def answer_ids(tok: Tokenizer, chat: bool = False) -> list:
+    """[id of ' Yes', id of ' No'] (with chat: 'Yes', 'No', the first token of the assistant's
+    turn), checked to be single distinct tokens and to be the tokens that follow 'Answer:' inside
+    a demonstration (with chat: that follow the turn's 'assistant\n')."""
+    lead, space = ("assistant\n", "") if chat else ("Answer:", " ")
+    yes, no = tok.encode(space + "Yes", bos=False), tok.encode(space + "No", bos=False)
     if len(yes) != 1 or len(no) != 1 or yes == no:
-        raise ValueError(f"this tokenizer does not encode ' Yes' / ' No' as single distinct tokens ({yes}, {no})")
-    base = tok.encode("Answer:", bos=False)
-    for word, ids in ((" Yes", yes), (" No", no)):
-        if tok.encode("Answer:" + word, bos=False) != base + ids:
-            raise ValueError(f"'Answer:{word}' does not tokenize as 'Answer:' followed by {ids}")
+        raise ValueError(f"this tokenizer does not encode {space + 'Yes'!r} / {space + 'No'!r} as single distinct tokens "
+                         f"({yes}, {no})")
+    base = tok.encode(lead, bos=False)
+    for word, ids in ((space + "Yes", yes), (space + "No", no)):
+        if tok.encode(lead + word, bos=False) != base + ids:
+            raise ValueError(f"{lead + word!r} does not tokenize as {lead!r} followed by {ids}")
     return [yes[0], no[0]]
 
 
@@ -316,6 +329,9 @@ def add_common(p):
     generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
+    p.add_argument("--chat", action="store_true", help="wrap every prompt, in training and scoring, in the model's "
+                   "chat template (ChatML: the system line as the system turn, the rest as the user turn; the answer "
+                   "opens the assistant's turn); train and eval must agree")
     p.add_argument("--layout", choices=("causal", "blocks"), default="causal", help="causal: the paper's prompt, one "
                    "causal sequence; blocks: each block encoded alone, only the answer cue reads the demonstrations, "
                    "which lets training pack a user's samples (--pack); train and eval must use the same layout")
@@ -342,7 +358,7 @@ def setup(a, log):
     model, tok = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)
     if a.prompt_budget > model.args.max_seq_len:
         raise ValueError(f"--prompt-budget {a.prompt_budget} exceeds the model's context of {model.args.max_seq_len} tokens")
-    ans = answer_ids(tok)
+    ans = answer_ids(tok, chat=a.chat)
     prompter = make_prompter(a, d, samples, tok, model, a.k_demos)
     log(f"[recicl] {len(samples)} samples; answer ids {ans}; K={a.k_demos}, budget {a.prompt_budget} tokens")
     return d, samples, model, tok, ans, prompter
@@ -350,8 +366,15 @@ def setup(a, log):
 
 def make_prompter(a, d, samples, tok, model, k_demos: int):
     if a.layout == "blocks":
+        if a.chat:
+            raise ValueError("--chat works with --layout causal (a chat turn holds the whole prompt)")
         return BlockPrompter(d, samples, tok, k_demos, a.demo_history, model.args.max_seq_len)
-    return Prompter(d, samples, tok, k_demos, a.demo_history, a.prompt_budget)
+    chat = None
+    if a.chat:
+        chat = chat_format(a.model or generate.default_model_dir(), tok)
+        if chat is None:
+            raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render (ChatML)")
+    return Prompter(d, samples, tok, k_demos, a.demo_history, a.prompt_budget, chat)
 
 
 def run_name(k_demos: int) -> str:
@@ -425,15 +448,18 @@ def tune(a, samples, model, prompter, ans, pool_periods: int, out_dir: str) -> d
                          trainer.lora_from_args(a), a.resume, run_config, a.model or "SmolLM2-135M-Instruct")
 
 
-def check_layout(run_dir: str, layout: str):
-    """An adapter is scored in the prompt layout it was tuned in."""
+def check_layout(run_dir: str, layout: str, chat: bool = False):
+    """An adapter is scored in the prompt layout (and chat wrapping) it was tuned in."""
     cfg_path = os.path.join(run_dir, "config.json")
-    tuned = "causal"
+    tuned = {}
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
-            tuned = json.load(f).get("args", {}).get("layout", "causal")
-    if tuned != layout:
-        raise ValueError(f"the adapter in {run_dir} was tuned with --layout {tuned}; this run has --layout {layout}")
+            tuned = json.load(f).get("args", {})
+    if tuned.get("layout", "causal") != layout:
+        raise ValueError(f"the adapter in {run_dir} was tuned with --layout {tuned['layout']}; this run has --layout {layout}")
+    if bool(tuned.get("chat", False)) != chat:
+        raise ValueError(f"the adapter in {run_dir} was tuned {'with' if tuned.get('chat') else 'without'} --chat; "
+                         f"this run is {'with' if chat else 'without'} it")
 
 
 def tuned_model(adapter: str, model_dir: str | None, dtype, device, plain: bool):
@@ -573,7 +599,7 @@ def cmd_eval(a):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
-            check_layout(os.path.join(a.out, adapter), a.layout)
+            check_layout(os.path.join(a.out, adapter), a.layout, a.chat)
             m = tuned_model(path, a.model, a.dtype, a.device, a.plain)
         llm[name] = {}
         for p, rs in rows.items():
@@ -714,9 +740,14 @@ def rank_for_user(model, tok, prompter, d, history, cands, ans, k_demos: int, th
     longest = max(cands, key=lambda c: len(tok.encode(d.titles[c], bos=False)))
     _, demos, liked = prompter.fit(demos, liked, d.titles[longest])
     titles = prompter.titles(liked)
-    prefix = tok.encode(system_line(d.words) + "".join(prompter.demo_text(s) for s in demos)
-                        + split_query(titles, d.titles[longest], d.words)[0])
-    suffixes = [tok.encode(split_query(titles, d.titles[c], d.words)[1], bos=False) for c in cands]
+    system, head = system_line(d.words), "".join(prompter.demo_text(s) for s in demos) + split_query(titles, d.titles[longest], d.words)[0]
+    tails = [split_query(titles, d.titles[c], d.words)[1] for c in cands]
+    if prompter.chat is None:
+        prefix, suffixes = tok.encode(system + head), [tok.encode(t, bos=False) for t in tails]
+    else:                            # Prompter.encode's chat turns, cut inside the user turn
+        c = prompter.chat
+        prefix = c.turn("system", system.strip()) + [c.start] + tok.encode("user\n" + head, bos=False)
+        suffixes = [tok.encode(t, bos=False) + [c.end] + tok.encode("\n", bos=False) + c.answer_prefix() for t in tails]
     lg = generate.next_token_logits(model, suffixes, prefix=prefix, batch_size=batch_size, vocab_ids=ans)
     s = (lg[:, 0] - lg[:, 1]).tolist()
     return sorted(zip(cands, s), key=lambda x: -x[1])

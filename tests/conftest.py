@@ -13,16 +13,21 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
             rope_theta=500.0, bos_token_id=1, eos_token_id=2)
 
 
-def write_byte_tokenizer(path: str, vocab_size: int = 300):
+def write_byte_tokenizer(path: str, vocab_size: int = 300, chat: bool = False):
     """A byte-level BPE with the 256 byte symbols, merges that make ' Yes' and ' No' single
     tokens (as in real vocabularies), and filler special tokens <s0>, <s1>, ... in front so
-    the vocabulary has `vocab_size` entries."""
+    the vocabulary has `vocab_size` entries. chat: also 'Yes' and 'No' single tokens, and the
+    ChatML control tokens <|im_start|>, <|im_end|> as specials 3 and 4."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     byte_syms = sorted(pre_tokenizers.ByteLevel.alphabet())
     merges = [("Ġ", "Y"), ("ĠY", "e"), ("ĠYe", "s"), ("Ġ", "N"), ("ĠN", "o")]
+    if chat:
+        merges += [("Y", "e"), ("Ye", "s"), ("N", "o")]
     merged = ["".join(m) for m in merges]
     n_special = vocab_size - len(byte_syms) - len(merged)
     specials = [f"<s{i}>" for i in range(n_special)]
+    if chat:
+        specials[3:5] = ["<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials + byte_syms + merged)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -379,3 +379,49 @@ def test_implicit_feedback_trains_and_evaluates_with_sampled_negatives(tmp_path,
     res = json.load(open(tmp_path / "out" / "results.json"))
     rows = [r for r in res["rows"] if r["method"] == "RecICL"]
     assert len(rows) == 5 and all(0 <= r["auc"] <= 1 for r in rows)          # both classes in every period
+
+
+def test_chat_wrapping_scores_the_same_through_the_shared_prefix(setup_dirs):
+    """--chat: Prompter.encode wraps the prompt in ChatML turns (the answer opens the assistant's
+    turn, so the answer ids are 'Yes'/'No'); recommend's shared-prefix path, cut inside the user
+    turn, scores each candidate as the whole wrapped prompt scored alone."""
+    from conftest import write_byte_tokenizer
+    from tokenizer import ChatML, chat_format
+    model_dir, ds, _ = setup_dirs
+    write_byte_tokenizer(os.path.join(model_dir, "tokenizer.json"), chat=True)
+    m, tok = generate.load_model(model_dir, plain=True)
+    assert chat_format(model_dir, tok) is None                     # no chat template in this checkpoint
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}, f)
+    chat = chat_format(model_dir, tok)
+    assert isinstance(chat, ChatML) and chat.default_system is None
+    d, samples, _, _ = tiny_prompter(model_dir, ds, prompt_budget=1000)
+    pr = recicl.Prompter(d, samples, tok, 4, 3, 1000, chat)
+    ans = recicl.answer_ids(tok, chat=True)
+    assert ans == [tok.encode("Yes", bos=False)[0], tok.encode("No", bos=False)[0]] != recicl.answer_ids(tok)
+    s = next(x for x in samples if len(x.demo_idx) >= 2)
+    ids = pr.ids(s)
+    assert ids[0] == chat.start and ids[-len(chat.answer_prefix()):] == chat.answer_prefix()
+    assert tok.decode(ids).startswith("<|im_start|>system\nPredict whether") and "<|im_start|>user\n" in tok.decode(ids)
+    history = [(int(i), float(r)) for i, r in zip(d.items[d.users == 0], d.ratings[d.users == 0])]
+    cands = list(range(5))
+    ranked = dict(recicl.rank_for_user(m, tok, pr, d, history, cands, ans, k_demos=1, threshold=4.0, batch_size=2))
+    liked = [i for i, r in history if r >= 4][-10:]
+    i, r = history[-1]
+    demo = data.Sample(-1, -1, i, int(r >= 4), 0, 0, [x for x, rr in history[:-1] if rr >= 4][-10:], [])
+    for c in cands:
+        text = recicl.system_line() + pr.demo_text(demo) + recicl.block([d.titles[i] for i in liked], d.titles[c])
+        with torch.no_grad():
+            lg = recicl.yes_no_logits(m, [pr.encode(text)], ans)[0]
+        assert abs((lg[0] - lg[1]).item() - ranked[c]) < 1e-4
+
+
+def test_an_adapter_is_scored_as_it_was_tuned(tmp_path):
+    run = tmp_path / "icl"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"args": {"layout": "causal", "chat": True}}))
+    recicl.check_layout(str(run), "causal", chat=True)
+    with pytest.raises(ValueError, match="was tuned with --chat; this run is without it"):
+        recicl.check_layout(str(run), "causal", chat=False)
+    with pytest.raises(ValueError, match="tuned with --layout causal; this run has --layout blocks"):
+        recicl.check_layout(str(run), "blocks", chat=True)
