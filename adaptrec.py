@@ -68,7 +68,7 @@ import data
 import eval as metrics
 import generate
 import model as llama
-from tokenizer import Tokenizer
+from tokenizer import ChatML, Tokenizer, chat_format
 import train as trainer
 from fetch import atomic_path, write_json
 
@@ -243,13 +243,15 @@ class Retriever:
 
 # ----------------------------------------------------------------------------- stage 2: selection
 
-def rating_ids(tok: Tokenizer) -> tuple[list, list]:
-    """(ids that follow 'Answer:' before the digit, [id of '1', ..., id of '9']). The rating
-    must be one token after a common lead-in (e.g. a lone space token), checked here."""
-    base = tok.encode("Answer:", bos=False)
-    tails = [tok.encode(f"Answer: {k}", bos=False)[len(base):] for k in range(1, 10)]
+def rating_ids(tok: Tokenizer, chat: bool = False) -> tuple[list, list]:
+    """(ids that follow 'Answer:' before the digit, [id of '1', ..., id of '9']); with chat the
+    digit opens the assistant's turn, right after its 'assistant\n'. The rating must be one token
+    after a common lead-in (e.g. a lone space token), checked here."""
+    before, between = ("assistant\n", "") if chat else ("Answer:", " ")
+    base = tok.encode(before, bos=False)
+    tails = [tok.encode(f"{before}{between}{k}", bos=False)[len(base):] for k in range(1, 10)]
     lead = tails[0][:-1]
-    same_base = all(tok.encode(f"Answer: {k}", bos=False)[:len(base)] == base for k in range(1, 10))
+    same_base = all(tok.encode(f"{before}{between}{k}", bos=False)[:len(base)] == base for k in range(1, 10))
     if any(t[:-1] != lead for t in tails) or len({t[-1] for t in tails}) != 9 or not same_base:
         raise ValueError("this tokenizer does not write the ratings 1..9 after 'Answer:' as one distinct token each")
     return lead, [t[-1] for t in tails]
@@ -266,22 +268,30 @@ def judge_texts(history_titles: list, others_titles: list, w: data.Words = data.
     return prefix, [f"User B has {w.done} {data.quoted_list(o)}.\n{JUDGE_QUESTION}" for o in others_titles]
 
 
-def prompt_key(w: data.Words = data.MOVIES) -> str:
+def prompt_key(w: data.Words = data.MOVIES, chat: bool = False) -> str:
     """A hash of the judge's and the recommender's prompts rendered on fixed stand-in inputs:
-    any change to a template (or to the items' words) changes it, so the caches of LLM outputs
-    follow the prompts."""
+    any change to a template (or to the items' words, or --chat) changes it, so the caches of
+    LLM outputs follow the prompts."""
     prefix, conts = judge_texts(["A", "B"], [["C"], ["D", "E"]], w)
     rec = Prompter.render_text([(["F"], "G")], ["H"], ["I", "J"], w)
-    return hashlib.sha1("\x00".join([prefix, *conts, rec]).encode()).hexdigest()[:8]
+    return hashlib.sha1("\x00".join([prefix, *conts, rec] + ["chat"] * chat).encode()).hexdigest()[:8]
 
 
 @torch.no_grad()
-def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size: int = 16) -> list:
-    """Expected similarity rating (1..9) of the target history against each other sequence."""
+def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size: int = 16,
+          chat: ChatML | None = None) -> list:
+    """Expected similarity rating (1..9) of the target history against each other sequence. With
+    chat, JUDGE_SYSTEM is the system turn and users A and B the user turn, cut between them."""
     lead, digit_ids = digits
     prefix, conts = judge_texts([d.titles[i] for i in history], [[d.titles[i] for i in o] for o in others], d.words)
-    conts = [tok.encode(c, bos=False) + lead for c in conts]
-    p = torch.softmax(generate.next_token_logits(model, conts, prefix=tok.encode(prefix), batch_size=batch_size,
+    if chat is None:
+        prefix_ids, conts = tok.encode(prefix), [tok.encode(c, bos=False) + lead for c in conts]
+    else:
+        system = say(JUDGE_SYSTEM, d.words)
+        prefix_ids = chat.turn("system", system.strip()) + [chat.start] + tok.encode("user\n" + prefix[len(system):], bos=False)
+        conts = [tok.encode(c, bos=False) + [chat.end] + tok.encode("\n", bos=False) + chat.answer_prefix() + lead
+                 for c in conts]
+    p = torch.softmax(generate.next_token_logits(model, conts, prefix=prefix_ids, batch_size=batch_size,
                                           vocab_ids=digit_ids), -1)
     return (p @ torch.arange(1, 10, dtype=p.dtype, device=p.device)).tolist()
 
@@ -305,9 +315,10 @@ class Selector:
     """Stage 2 over stage 1's lists; the LLM's ratings are cached in a JSON file per model,
     data and prompt (the key)."""
 
-    def __init__(self, d, pool, model, tok, path: str, key: str, judge_history: int = 5, log=None):
-        self.d, self.pool, self.model, self.tok, self.path, self.log = d, pool, model, tok, path, log
-        self.key, self.judge_history, self.digits = key, judge_history, rating_ids(tok)
+    def __init__(self, d, pool, model, tok, path: str, key: str, judge_history: int = 5, log=None,
+                 chat: ChatML | None = None):
+        self.d, self.pool, self.model, self.tok, self.path, self.log, self.chat = d, pool, model, tok, path, log, chat
+        self.key, self.judge_history, self.digits = key, judge_history, rating_ids(tok, chat is not None)
         self.scores = {}
         if os.path.exists(path):
             try:
@@ -332,7 +343,7 @@ class Selector:
         t0 = time.time()
         for n, r in enumerate(todo):
             others = [self.pool.unit(u)[-self.judge_history:] for u in units[row_key(r)]]
-            s = judge(self.model, self.tok, self.d, r.history, others, self.digits) if others else []
+            s = judge(self.model, self.tok, self.d, r.history, others, self.digits, chat=self.chat) if others else []
             self.scores[row_key(r)] = {"units": units[row_key(r)], "rating": [round(x, 4) for x in s]}
             if n % 20 == 19 or n == len(todo) - 1:
                 self.save()
@@ -377,8 +388,10 @@ def demo_line(k: int, history_titles: list, chosen: str, w: data.Words = data.MO
 class Prompter:
     """Renders a row with its demonstrations (units, most similar first) within a budget."""
 
-    def __init__(self, d: data.Data, pool: Pool, tok: Tokenizer, demo_history: int, prompt_budget: int):
+    def __init__(self, d: data.Data, pool: Pool, tok: Tokenizer, demo_history: int, prompt_budget: int,
+                 chat: ChatML | None = None):
         self.d, self.pool, self.tok, self.demo_history, self.prompt_budget = d, pool, tok, demo_history, prompt_budget
+        self.chat = chat
 
     def titles(self, items):
         return [self.d.titles[i] for i in items]
@@ -405,12 +418,23 @@ class Prompter:
     def ids(self, r: data.SeqRow, demos: list) -> list:
         """Prompt ids for row r; the least similar demonstrations go first (and are dropped first)."""
         text, _, _ = data.fit_budget(lambda ds, h: self.text(ds, h, r.candidates), list(reversed(demos)), r.history,
-                                  lambda t: len(self.tok.encode(t)), self.prompt_budget)
-        return self.tok.encode(text)
+                                  lambda t: len(self.encode(t)), self.prompt_budget)
+        return self.encode(text)
+
+    def encode(self, text: str) -> list:
+        """A prompt's ids: as it is, or with --chat in the chat template (SYSTEM as the system turn,
+        the rest as the user turn, then the assistant's turn opened for the answer)."""
+        if self.chat is None:
+            return self.tok.encode(text)
+        system = say(SYSTEM, self.d.words)
+        return self.chat.ids([{"role": "system", "content": system.strip()}, {"role": "user", "content": text[len(system):]}])
 
     def answer(self, item: int) -> list:
         """' "<title>"' + EOS: the training target and what the ranking scores. Quoted as in the
-        candidate list, so the answer's tokens repeat the list's (' "', then the title's tokens)."""
+        candidate list, so the answer's tokens repeat the list's (' "', then the title's tokens).
+        With --chat: '"<title>"' + <|im_end|>, the assistant's whole turn."""
+        if self.chat is not None:
+            return self.tok.encode(data.quote(self.d.titles[item]), bos=False) + [self.chat.end]
         return self.tok.encode(" " + data.quote(self.d.titles[item]), bos=False) + [self.tok.eos_ids[0]]
 
 
@@ -557,6 +581,9 @@ def add_common(p):
     generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
+    p.add_argument("--chat", action="store_true", help="every prompt (the judge's, training, generation, ranking) in "
+                   "the model's ChatML chat template: the system line as the system turn, the rest as the user turn, "
+                   "the answer as the assistant's turn ending in <|im_end|>; train and eval must agree")
 
 
 def data_key(d: data.Data) -> str:
@@ -587,11 +614,17 @@ def setup(a, log) -> Setup:
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
     retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.safetensors"), key), a.n, log=log)
-    selector = Selector(d, pool, model, tok, os.path.join(cache, f"judge-{key}-{prompt_key(d.words)}-h{a.judge_history}.json"),
-                        key, a.judge_history, log)
+    chat = None
+    if a.chat:
+        chat = chat_format(a.model or generate.default_model_dir(), tok)
+        if chat is None:
+            raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render (ChatML)")
+    judge_file = f"judge-{key}-{prompt_key(d.words, a.chat)}-h{a.judge_history}.json"
+    selector = Selector(d, pool, model, tok, os.path.join(cache, judge_file), key, a.judge_history, log, chat)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "
         f"pool of {len(pool.users)} users; N={a.n}, budget {a.prompt_budget} tokens")
-    return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.prompt_budget))
+    return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.prompt_budget,
+                                                                          chat))
 
 
 def demo_overlap(pool: Pool, rows: list, units_by_row: dict) -> dict:
@@ -703,7 +736,7 @@ def causal_pop(d: data.Data, rows: list) -> np.ndarray:
 @torch.inference_mode()
 def title_prior(model, tok, prompter: Prompter, items: list) -> dict:
     """item -> log p(' "<title>"' + EOS | a prompt with no user in it), from the base model."""
-    prompt = tok.encode(say(SYSTEM, prompter.d.words) + f"Recommend one {prompter.d.words.item}.\nAnswer:")
+    prompt = prompter.encode(say(SYSTEM, prompter.d.words) + f"Recommend one {prompter.d.words.item}.\nAnswer:")
     cache, logits = generate.prefill_batch(model, [prompt], 0)
     lp = generate.logprobs_after(model, cache.row(0), logits[0], [prompter.answer(i) for i in items])
     return dict(zip(items, lp.tolist()))
@@ -774,6 +807,7 @@ def cmd_eval(a):
                 log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
                        f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
                 continue
+            trainer.check_tuned_like(os.path.join(a.out, run_name(m, how)), {"--chat": (a.chat, False)})
             model, name = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0], "AdaptRec"
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)

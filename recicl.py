@@ -448,20 +448,6 @@ def tune(a, samples, model, prompter, ans, pool_periods: int, out_dir: str) -> d
                          trainer.lora_from_args(a), a.resume, run_config, a.model or "SmolLM2-135M-Instruct")
 
 
-def check_layout(run_dir: str, layout: str, chat: bool = False):
-    """An adapter is scored in the prompt layout (and chat wrapping) it was tuned in."""
-    cfg_path = os.path.join(run_dir, "config.json")
-    tuned = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            tuned = json.load(f).get("args", {})
-    if tuned.get("layout", "causal") != layout:
-        raise ValueError(f"the adapter in {run_dir} was tuned with --layout {tuned['layout']}; this run has --layout {layout}")
-    if bool(tuned.get("chat", False)) != chat:
-        raise ValueError(f"the adapter in {run_dir} was tuned {'with' if tuned.get('chat') else 'without'} --chat; "
-                         f"this run is {'with' if chat else 'without'} it")
-
-
 def tuned_model(adapter: str, model_dir: str | None, dtype, device, plain: bool):
     """A fresh copy of the base model with the adapter in directory `adapter` (or the whole model
     a full fine-tune saved there)."""
@@ -599,7 +585,7 @@ def cmd_eval(a):
                 log_fn(f"[recicl] skipping {name}: no adapter at {path} (run: python recicl.py train"
                        f"{' --demos 0' if adapter == 'nodemo' else ''})")
                 continue
-            check_layout(os.path.join(a.out, adapter), a.layout, a.chat)
+            trainer.check_tuned_like(os.path.join(a.out, adapter), {"--layout": (a.layout, "causal"), "--chat": (a.chat, False)})
             m = tuned_model(path, a.model, a.dtype, a.device, a.plain)
         llm[name] = {}
         for p, rs in rows.items():

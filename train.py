@@ -292,6 +292,21 @@ RUN_FILES = ("config.json", "log.jsonl", "checkpoint.json")
 RUN_DIRS = ("best", "final")
 
 
+def check_tuned_like(run_dir: str, settings: dict):
+    """An adapter is used with the prompt settings it was tuned with: settings {flag: (this
+    run's value, the value a run written before the flag existed had)}, compared with the args
+    in run_dir/config.json; a difference is an error naming the flag."""
+    path = os.path.join(run_dir, "config.json")
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f).get("args", {})
+    for flag, (value, default) in settings.items():
+        tuned = saved.get(flag.lstrip("-").replace("-", "_"), default)
+        if tuned != value:
+            raise ValueError(f"the adapter in {run_dir} was tuned with {flag} {tuned}; this run has {flag} {value}")
+
+
 def adapter_dir(run_dir: str) -> str:
     """RUN/best (kept by validation), else RUN/final (no validation, or none gave a finite metric)."""
     best = os.path.join(run_dir, "best")

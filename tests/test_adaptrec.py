@@ -277,3 +277,44 @@ def test_implicit_feedback_runs_end_to_end(tmp_path):
     adaptrec.main(["eval", *args, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"])
     res = json.load(open(tmp_path / "out" / "results.json"))
     assert res["rows"][0]["method"] == "AdaptRec" and res["rows"][0]["n"] == 4
+
+
+def test_chat_prompts_end_to_end(dirs):
+    """--chat: the judge's shared prefix + each continuation are the whole ChatML conversation;
+    the answer is the assistant's turn ('"<title>"' + <|im_end|>); train and eval run, and eval
+    refuses an adapter tuned without --chat."""
+    from conftest import write_byte_tokenizer
+    from tokenizer import chat_format
+    model_dir, ds, out = dirs
+    write_byte_tokenizer(os.path.join(model_dir, "tokenizer.json"), chat=True)
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}, f)
+    m, tok = generate.load_model(model_dir, plain=True)
+    chat = chat_format(model_dir, tok)
+    lead, digits = adaptrec.rating_ids(tok, chat=True)
+    assert lead == [] and len(set(digits)) == 9
+    d = data.load(ds, verbose=False)
+    calls = []
+    real = generate.next_token_logits
+
+    def spy(model, conts, prefix, **kw):
+        calls.append((prefix, conts))
+        return real(model, conts, prefix=prefix, **kw)
+    generate.next_token_logits = spy
+    try:
+        adaptrec.judge(m, tok, d, [0, 1], [[2, 3], [4]], (lead, digits), chat=chat)
+    finally:
+        generate.next_token_logits = real
+    prefix, conts = calls[0]
+    system = adaptrec.say(adaptrec.JUDGE_SYSTEM, d.words)
+    p_text, c_texts = adaptrec.judge_texts([d.titles[0], d.titles[1]], [[d.titles[2], d.titles[3]], [d.titles[4]]], d.words)
+    for c, c_text in zip(conts, c_texts):
+        whole = chat.ids([{"role": "system", "content": system.strip()}, {"role": "user", "content": p_text[len(system):] + c_text}])
+        assert prefix + c == whole
+    common = ["--model", model_dir, "--dataset", ds, "--out", out, "--n", "4", "--prompt-budget", "1200"]
+    adaptrec.main(["train", *common, "--configs", "2:llm", "--train-rows", "4", "--batch-size", "4", "--chat"])
+    adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1", "--chat"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["rows"][0]["method"] == "AdaptRec" and 0 <= res["rows"][0]["valid_ratio"] <= 1
+    with pytest.raises(SystemExit, match="was tuned with --chat True; this run has --chat False"):
+        adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"])

@@ -13,6 +13,7 @@ import model as llama
 from tokenizer import Tokenizer, load_tokenizer
 import lora
 import recicl
+import train as trainer
 
 
 def write_tiny_movielens(path, n_users=12, n_items=40, per_user=24, seed=0):
@@ -311,7 +312,7 @@ def test_blocks_layout_trains_packed_and_eval_checks_the_layout(setup_dirs):
     assert {r["method"] for r in res["rows"] if r["kind"] == "llm"} == {"RecICL"}      # --methods: only that row
     recicl_rows = [r for r in res["rows"] if r["method"] == "RecICL"]
     assert len(recicl_rows) == 5 and all(r["demos_shown"] == r["demos_available"] for r in recicl_rows)
-    with pytest.raises(SystemExit, match="tuned with --layout blocks"):
+    with pytest.raises(SystemExit, match="tuned with --layout blocks; this run has --layout causal"):
         recicl.main(["eval", "--eval-samples", "6", "--demos", "2"] + common(model, ds, out))
 
 
@@ -420,8 +421,11 @@ def test_an_adapter_is_scored_as_it_was_tuned(tmp_path):
     run = tmp_path / "icl"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"args": {"layout": "causal", "chat": True}}))
-    recicl.check_layout(str(run), "causal", chat=True)
-    with pytest.raises(ValueError, match="was tuned with --chat; this run is without it"):
-        recicl.check_layout(str(run), "causal", chat=False)
+    same = {"--layout": ("causal", "causal"), "--chat": (True, False)}
+    trainer.check_tuned_like(str(run), same)
+    with pytest.raises(ValueError, match="was tuned with --chat True; this run has --chat False"):
+        trainer.check_tuned_like(str(run), {**same, "--chat": (False, False)})
     with pytest.raises(ValueError, match="tuned with --layout causal; this run has --layout blocks"):
-        recicl.check_layout(str(run), "blocks", chat=True)
+        trainer.check_tuned_like(str(run), {**same, "--layout": ("blocks", "causal")})
+    (run / "config.json").write_text(json.dumps({"args": {}}))          # written before the flags existed
+    trainer.check_tuned_like(str(run), {"--layout": ("causal", "causal"), "--chat": (False, False)})
