@@ -388,13 +388,13 @@ def log_fn(s):
 # ----------------------------------------------------------------------------- train
 
 def split_for_training(samples, pool_periods: int, n_train: int, n_val: int, seed: int,
-                       whole_users: bool = False) -> tuple[list, list]:
-    """(training samples, validation samples) from the periods before pool_periods: n_val held
-    out of the last of them (at most half of it), then n_train drawn from the rest (0 = all):
+                       whole_users: bool = False, first_period: int = 0) -> tuple[list, list]:
+    """(training samples, validation samples) from periods first_period..pool_periods-1: n_val
+    held out of the last of them (at most half of it), then n_train drawn from the rest (0 = all):
     at random, or with whole_users the samples of users taken in random order (the last one
     cut), so that packs hold consecutive samples."""
     rng = random.Random(seed)
-    pool = [s for s in samples if s.period < pool_periods]
+    pool = [s for s in samples if first_period <= s.period < pool_periods]
     last = [s for s in pool if s.period == pool_periods - 1]
     val = rng.sample(last, min(n_val, len(last) // 2))
     val_ids = {s.idx for s in val}
@@ -433,17 +433,22 @@ def train_adapter(model, prompter, ans, train_set, val, cfg, lora_spec: dict, re
                          run_config=run_config, base_model=base_model)
 
 
-def tune(a, samples, model, prompter, ans, pool_periods: int, out_dir: str) -> dict:
-    """train_adapter with the command line's settings, on samples of the periods < pool_periods."""
+def tune(a, samples, model, prompter, ans, pool_periods: int, out_dir: str, first_period: int = 0,
+         n_train: int | None = None) -> dict:
+    """train_adapter with the command line's settings, on samples of periods first_period..
+    pool_periods-1 (n_train of them; default --train-samples). A model that holds an adapter
+    already goes on training it (--update continues from the D4 adapter)."""
     blocks = isinstance(prompter, BlockPrompter)
-    train_set, val = split_for_training(samples, pool_periods, a.train_samples, a.val_samples, a.seed, whole_users=blocks)
+    n_train = a.train_samples if n_train is None else n_train
+    train_set, val = split_for_training(samples, pool_periods, n_train, a.val_samples, a.seed, whole_users=blocks,
+                                        first_period=first_period)
     examples = packs(train_set, a.pack) if blocks and a.pack else train_set
     steps = a.steps or math.ceil(len(examples) * a.epochs / a.batch_size)
-    log_fn(f"[recicl] training on {len(train_set)} samples from D0..D{pool_periods - 1}"
+    log_fn(f"[recicl] training on {len(train_set)} samples from D{first_period}..D{pool_periods - 1}"
            f"{f' in {len(examples)} packs' if examples is not train_set else ''}, {steps} steps of {a.batch_size}; "
            f"validating on {len(val)} held-out samples of D{pool_periods - 1}")
     run_config = {"method": "recicl", "args": vars(a), "train_samples": len(train_set), "val_samples": len(val),
-                  "examples": len(examples)}
+                  "examples": len(examples), "periods": [first_period, pool_periods - 1]}
     return train_adapter(model, prompter, ans, examples, val, trainer.config_from_args(a, out_dir, steps),
                          trainer.lora_from_args(a), a.resume, run_config, a.model or "SmolLM2-135M-Instruct")
 
@@ -593,15 +598,22 @@ def cmd_eval(a):
             llm[name][p] = score(m, prompter, rs, ans, a.score_batch)
         shown[name] = {p: [len(prompter.render(s)[1]) for s in rs] for p, rs in rows.items()}
     if a.update and "RecICL" in llm:
+        d4 = trainer.adapter_dir(os.path.join(a.out, "icl"))
+
         def tune_through(p, out_dir):
-            log_fn(f"[recicl] --update: tuning through D{p - 1} ({time.time() - t0:.0f}s so far)")
-            fresh = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)[0]
-            tune(a, samples, fresh, prompters[a.k_demos], ans, p, out_dir)
+            """The D4 adapter, continued on what is new (D5..D(p-1)) at the rate it was tuned at."""
+            n_new = round(a.train_samples * (p - a.train_periods) / a.train_periods) if a.train_samples else 0
+            log_fn(f"[recicl] --update: continuing the D{a.train_periods - 1} adapter on D{a.train_periods}..D{p - 1} "
+                   f"({n_new or 'all'} samples; {time.time() - t0:.0f}s so far)")
+            tune(a, samples, tuned_model(d4, a.model, a.dtype, a.device, a.plain), prompters[a.k_demos], ans, p,
+                 out_dir, first_period=a.train_periods, n_train=n_new)
         llm.update(updated_models(rows, prompters[a.k_demos], ans, os.path.join(a.out, "update"), tune_through,
                                   lambda path: tuned_model(path, a.model, a.dtype, a.device, a.plain), a.score_batch))
     controls = control_scores(d, samples, rows, prompters[a.k_demos], a.k_demos, a.threshold, a.periods,
                               a.train_periods, a.seed, log_fn)
     best, diffs = paired_to_best(rows, {k: v for k, v in llm.items() if k != UPDATED}, controls)
+    if UPDATED in llm:        # what updating buys a classical model, beside PDM (never the frozen rows' control)
+        controls[MF_UPDATED] = updated_mf(d, rows, a.threshold, a.periods, a.seed)
     results = []
     for name, sc in list(llm.items()) + list(controls.items()):
         for p, rs in rows.items():
@@ -611,11 +623,26 @@ def cmd_eval(a):
     report(results, diffs, best, a, time.time() - t0)
 
 
-PDM_DEFINITION = ("PDM = mean over test periods t = D(T+1)..D(P-1) of [AUC on Dt of a RecICL adapter tuned "
+PDM_DEFINITION = ("PDM = mean over test periods t = D(T+1)..D(P-1) of [AUC on Dt of the RecICL adapter updated "
                   "through D(t-1)] - [AUC on Dt of the RecICL adapter tuned through D(T-1) = D4], where T is "
-                  "--train-periods. Both adapters use the same training settings and the same rows of Dt. "
-                  "Near 0: updating the model brings little; RecICL's demonstrations carry the new feedback.")
+                  "--train-periods; the updated adapter is the D4 adapter trained on, with the same settings, on "
+                  "samples of D(T)..D(t-1) at the rate of the first tuning (--train-samples per T periods). Both "
+                  "score the same rows of Dt. Near 0: updating the model brings little; RecICL's demonstrations "
+                  "carry the new feedback. Beside it, the same difference for MF retrained through D(t-1).")
 UPDATED = "RecICL updated through D(t-1)"
+MF_UPDATED = "MF retrained through D(t-1)"
+
+
+def updated_mf(d, rows: dict, threshold: float, periods: int, seed: int) -> dict:
+    """{period t: MF scores of Dt's rows}, MF retrained on D0..D(t-1), for every test period after the first."""
+    import baselines
+    per, y, _ = baselines.binary_split(d, periods, 0, threshold)
+    out = {}
+    for p in list(rows)[1:]:
+        mf = baselines.train_mf(d, y, per < p, seed=seed, log=log_fn)
+        with torch.no_grad():
+            out[p] = mf(torch.tensor([s.user for s in rows[p]]), torch.tensor([s.item for s in rows[p]])).numpy()
+    return out
 
 
 def updated_models(rows, prompter, ans, update_dir: str, tune_through, load_tuned, score_batch: int) -> dict:
@@ -661,9 +688,13 @@ def report(results, diffs, best, a, elapsed):
         gains = [next(r["auc"] for r in results if r["method"] == UPDATED and r["period"] == p) -
                  next(r["auc"] for r in results if r["method"] == "RecICL" and r["period"] == p)
                  for p in periods[1:]]
+        mf_gains = [next(r["auc"] for r in results if r["method"] == MF_UPDATED and r["period"] == p) -
+                    next(r["auc"] for r in results if r["method"] == "MF" and r["period"] == p) for p in periods[1:]]
         summary.append({"method": "PDM", "pdm": round(float(np.mean(gains)), 4),
-                        "per_period": [round(g, 4) for g in gains], "definition": PDM_DEFINITION})
-        print(f"PDM = {summary[-1]['pdm']:+.4f} (per period {summary[-1]['per_period']}). {PDM_DEFINITION}")
+                        "per_period": [round(g, 4) for g in gains], "mf_update_gain": round(float(np.mean(mf_gains)), 4),
+                        "mf_per_period": [round(g, 4) for g in mf_gains], "definition": PDM_DEFINITION})
+        print(f"PDM = {summary[-1]['pdm']:+.4f} (per period {summary[-1]['per_period']}); the same for MF: "
+              f"{summary[-1]['mf_update_gain']:+.4f} (per period {summary[-1]['mf_per_period']}). {PDM_DEFINITION}")
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
     write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "best_control": best, "summary": summary,

@@ -108,8 +108,12 @@ def lora_from_args(a) -> dict | None:
 
 
 def make_trainable(model, lora_spec: dict | None):
-    """lora.inject(model, **lora_spec), or with lora_spec None (--full) every weight of the model."""
-    if lora_spec is None:
+    """lora.inject(model, **lora_spec), or with lora_spec None (--full) every weight of the model;
+    a model that holds a loaded adapter goes on training it (lora_spec does not apply then)."""
+    if lora.lora_modules(model):
+        for p in lora.lora_parameters(model):
+            p.requires_grad_(True)
+    elif lora_spec is None:
         model.requires_grad_(True)
     else:
         lora.inject(model, **lora_spec)

@@ -53,7 +53,7 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     methods = {r["method"] for r in res["rows"]}
     llm = {name for name, _, _ in recicl.LLM_METHODS.values()} | {recicl.UPDATED}
     controls = {"DemoLikeRate", "UserLikeRate", "ItemLikeRate (t)", "LogReg", "MF", "Pop", "ItemLikeRate"}
-    assert llm | controls == methods
+    assert llm | controls | {recicl.MF_UPDATED} == methods
     auc_rows = [r for r in res["rows"] if r["method"] != recicl.UPDATED]
     assert {r["period"] for r in auc_rows} == {"D5", "D6", "D7", "D8", "D9"}
     assert all(r["n"] == 12 and r["users"] >= 3 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
@@ -62,6 +62,9 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     assert summary["RecICL"]["vs_best_control"]["vs"] == res["best_control"] in controls
     assert "vs_best_control" not in summary["LogReg"]
     assert len(summary["PDM"]["per_period"]) == 4 and "definition" in summary["PDM"]
+    assert len(summary["PDM"]["mf_per_period"]) == 4 and recicl.MF_UPDATED in methods
+    upd = json.load(open(os.path.join(out, "update", "through_D8", "config.json")))
+    assert upd["periods"] == [5, 8] and upd["train_samples"] == round(8 * 4 / 5)     # the D4 adapter on D5..D8, same rate
     assert os.path.exists(os.path.join(out, "update", "through_D8", "best", "adapter_model.safetensors"))
     capsys.readouterr()
     recicl.main(["recommend", "--user", "3", "--max-candidates", "6", "--top", "6"] + common(model, ds, out))
