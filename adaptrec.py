@@ -68,7 +68,7 @@ import data
 import eval as metrics
 import generate
 import model as llama
-from tokenizer import ChatML, Tokenizer, chat_format
+from tokenizer import ChatML, Tokenizer
 import train as trainer
 from fetch import atomic_path, write_json
 
@@ -288,9 +288,7 @@ def judge(model, tok, d, history: list, others: list, digits: tuple, batch_size:
         prefix_ids, conts = tok.encode(prefix), [tok.encode(c, bos=False) + lead for c in conts]
     else:
         system = say(JUDGE_SYSTEM, d.words)
-        prefix_ids = chat.turn("system", system.strip()) + [chat.start] + tok.encode("user\n" + prefix[len(system):], bos=False)
-        conts = [tok.encode(c, bos=False) + [chat.end] + tok.encode("\n", bos=False) + chat.answer_prefix() + lead
-                 for c in conts]
+        prefix_ids, conts = chat.wrap_split(system, prefix[len(system):]), [chat.wrap_tail(c) + lead for c in conts]
     p = torch.softmax(generate.next_token_logits(model, conts, prefix=prefix_ids, batch_size=batch_size,
                                           vocab_ids=digit_ids), -1)
     return (p @ torch.arange(1, 10, dtype=p.dtype, device=p.device)).tolist()
@@ -424,10 +422,7 @@ class Prompter:
     def encode(self, text: str) -> list:
         """A prompt's ids: as it is, or with --chat in the chat template (SYSTEM as the system turn,
         the rest as the user turn, then the assistant's turn opened for the answer)."""
-        if self.chat is None:
-            return self.tok.encode(text)
-        system = say(SYSTEM, self.d.words)
-        return self.chat.ids([{"role": "system", "content": system.strip()}, {"role": "user", "content": text[len(system):]}])
+        return self.tok.encode(text) if self.chat is None else self.chat.wrap(say(SYSTEM, self.d.words), text)
 
     def answer(self, item: int) -> list:
         """' "<title>"' + EOS: the training target and what the ranking scores. Quoted as in the
@@ -614,11 +609,7 @@ def setup(a, log) -> Setup:
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
     retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.safetensors"), key), a.n, log=log)
-    chat = None
-    if a.chat:
-        chat = chat_format(a.model or generate.default_model_dir(), tok)
-        if chat is None:
-            raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render (ChatML)")
+    chat = generate.chat_template(a.model, tok) if a.chat else None
     judge_file = f"judge-{key}-{prompt_key(d.words, a.chat)}-h{a.judge_history}.json"
     selector = Selector(d, pool, model, tok, os.path.join(cache, judge_file), key, a.judge_history, log, chat)
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "

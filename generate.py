@@ -21,7 +21,7 @@ import fast
 import lora
 import model as llama
 from model import KVCache, Llama
-from tokenizer import Tokenizer, chat_format, load_tokenizer
+from tokenizer import ChatML, Tokenizer, chat_format, load_tokenizer
 
 
 def default_model_dir() -> str:
@@ -84,6 +84,14 @@ def add_device_args(p):
 def default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
     """--dtype, else bfloat16 on CUDA and float32 on the CPU."""
     return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def chat_template(model_dir: str | None, tok: Tokenizer) -> ChatML:
+    """--chat: the chat template of model_dir (None: the default model), or an error saying why not."""
+    chat = chat_format(model_dir or default_model_dir(), tok)
+    if chat is None:
+        raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render (ChatML)")
+    return chat
 
 
 def pad(rows: list[list[int]], left: bool, pad_id: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,11 +281,7 @@ def main(argv=None):
     try:
         ids = tok.encode(a.prompt)
         if a.chat:                                  # the checkpoint's chat template (ChatML), the prompt as plain text
-            chat = chat_format(a.model or default_model_dir(), tok)
-            if chat is None:
-                raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render "
-                                 "(ChatML)")
-            ids = chat.ids([{"role": "user", "content": a.prompt}])
+            ids = chat_template(a.model, tok).ids([{"role": "user", "content": a.prompt}])
         t0 = time.perf_counter()
         new = generate(model, [ids], a.max_new_tokens, a.temperature, a.top_p, stop=a.stop, tokenizer=tok, seed=a.seed)[0]
     except (ValueError, RuntimeError) as e:

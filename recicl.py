@@ -43,7 +43,7 @@ import torch
 import data
 import eval as metrics
 import generate
-from tokenizer import ChatML, Tokenizer, chat_format
+from tokenizer import ChatML, Tokenizer
 import train as trainer
 from fetch import write_json
 
@@ -117,10 +117,7 @@ class Prompter:
         """The ids of a prompt `text` renders: as it is, or with --chat in the model's chat template:
         the system line as the system turn, the rest as the user turn, then the assistant's turn
         opened (its first token is the answer)."""
-        if self.chat is None:
-            return self.tok.encode(text)
-        system = system_line(self.d.words)
-        return self.chat.ids([{"role": "system", "content": system.strip()}, {"role": "user", "content": text[len(system):]}])
+        return self.tok.encode(text) if self.chat is None else self.chat.wrap(system_line(self.d.words), text)
 
 
 def answer_ids(tok: Tokenizer, chat: bool = False) -> list:
@@ -282,8 +279,7 @@ def score(model, prompter: Prompter, samples: list, ans: list, batch_size: int =
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            logits_fn = blocks_logits if blocks else yes_no_logits
-            lg = logits_fn(model, [ids[k] for k in chunk], ans)
+            lg = (blocks_logits if blocks else yes_no_logits)(model, [ids[k] for k in chunk], ans)
             out[chunk] = (lg[:, 0] - lg[:, 1]).cpu().numpy()
             if log and (s // batch_size) % 10 == 0:
                 log(f"  scored {min(s + batch_size, len(ids))}/{len(ids)} ({time.time() - t0:.0f}s)")
@@ -348,14 +344,15 @@ def add_train_args(p):
                      batch_help="examples per optimizer step: prompts (default 8), or packs with --layout blocks (default 1)")
 
 
-def setup(a, log):
-    d = data.load_from_args(a)
+def setup(a, log, tuned: str | None = None):
+    """Data, samples, the model (the base, or with `tuned`: generate.load_model's), tokenizer,
+    answer ids and the prompter of the command line."""
+    d, a.threshold = data.binary_view(data.load_from_args(a), a.threshold, a.implicit_negatives, a.seed)
     if d.implicit:          # the stated rule for implicit data: data.with_sampled_negatives
-        d, a.threshold = data.with_sampled_negatives(d, a.implicit_negatives, a.seed), 1.0
         log(f"[recicl] implicit feedback: every interaction is a Yes, and {a.implicit_negatives} untouched "
             f"{d.words.item}(s) drawn per interaction are No ({d.counts['sampled_negatives']} in all)")
     samples = data.recicl_samples(d, a.periods, a.threshold, k_demos=max(a.k_demos, 0), max_history=10)
-    model, tok = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)
+    model, tok = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=tuned)
     if a.prompt_budget > model.args.max_seq_len:
         raise ValueError(f"--prompt-budget {a.prompt_budget} exceeds the model's context of {model.args.max_seq_len} tokens")
     ans = answer_ids(tok, chat=a.chat)
@@ -369,11 +366,7 @@ def make_prompter(a, d, samples, tok, model, k_demos: int):
         if a.chat:
             raise ValueError("--chat works with --layout causal (a chat turn holds the whole prompt)")
         return BlockPrompter(d, samples, tok, k_demos, a.demo_history, model.args.max_seq_len)
-    chat = None
-    if a.chat:
-        chat = chat_format(a.model or generate.default_model_dir(), tok)
-        if chat is None:
-            raise ValueError("--chat: this model's tokenizer_config.json has no chat template iclrec can render (ChatML)")
+    chat = generate.chat_template(a.model, tok) if a.chat else None
     return Prompter(d, samples, tok, k_demos, a.demo_history, a.prompt_budget, chat)
 
 
@@ -707,12 +700,10 @@ def report(results, diffs, best, a, elapsed):
 def cmd_recommend(a):
     if a.layout != "causal":
         sys.exit("error: recommend ranks with the causal layout only (score blocks-layout adapters with eval)")
-    d, samples, model, tok, ans, prompter = setup(a, log_fn)
     path = trainer.adapter_dir(os.path.join(a.out, run_name(a.k_demos)))
-    if trainer.is_saved(path):
-        model = tuned_model(path, a.model, a.dtype, a.device, a.plain)
-    else:
+    if not trainer.is_saved(path):
         log_fn(f"[recicl] no adapter at {path}: ranking with the base model (run: python recicl.py train)")
+    d, samples, model, tok, ans, prompter = setup(a, log_fn, tuned=path if trainer.is_saved(path) else None)
     if a.user not in d.user_ids:
         sys.exit(f"error: unknown user {a.user!r}")
     u = d.user_ids.index(a.user)
@@ -762,9 +753,7 @@ def rank_for_user(model, tok, prompter, d, history, cands, ans, k_demos: int, th
     if prompter.chat is None:
         prefix, suffixes = tok.encode(system + head), [tok.encode(t, bos=False) for t in tails]
     else:                            # Prompter.encode's chat turns, cut inside the user turn
-        c = prompter.chat
-        prefix = c.turn("system", system.strip()) + [c.start] + tok.encode("user\n" + head, bos=False)
-        suffixes = [tok.encode(t, bos=False) + [c.end] + tok.encode("\n", bos=False) + c.answer_prefix() for t in tails]
+        prefix, suffixes = prompter.chat.wrap_split(system, head), [prompter.chat.wrap_tail(t) for t in tails]
     lg = generate.next_token_logits(model, suffixes, prefix=prefix, batch_size=batch_size, vocab_ids=ans)
     s = (lg[:, 0] - lg[:, 1]).tolist()
     return sorted(zip(cands, s), key=lambda x: -x[1])

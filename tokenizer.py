@@ -65,6 +65,20 @@ class ChatML:
     def answer_prefix(self) -> list[int]:
         return [self.start] + self.tok.encode("assistant\n", bos=False)
 
+    def wrap(self, system: str, text: str) -> list[int]:
+        """A prompt `text` that opens with the line `system`: that line as the system turn, the
+        rest as the user turn, then the assistant's turn opened (its first token answers)."""
+        return self.ids([{"role": "system", "content": system.strip()}, {"role": "user", "content": text[len(system):]}])
+
+    def wrap_split(self, system: str, head: str) -> list[int]:
+        """wrap(system, system + head + tail) cut inside the user turn, after head: the shared part
+        of many prompts that differ in their tail (cut at a pre-tokenizer boundary);
+        wrap_split(system, head) + wrap_tail(tail) == wrap(system, system + head + tail)."""
+        return self.turn("system", system.strip()) + [self.start] + self.tok.encode("user\n" + head, bos=False)
+
+    def wrap_tail(self, tail: str) -> list[int]:
+        return self.tok.encode(tail, bos=False) + [self.end] + self.tok.encode("\n", bos=False) + self.answer_prefix()
+
 
 def chat_format(model_dir: str, tok: Tokenizer) -> ChatML | None:
     """The chat layout of model_dir's tokenizer_config.json chat_template when iclrec can render

@@ -63,6 +63,8 @@ def test_chat_template_matches_the_tokenizers_own(default_dir):
             expected = ref.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
             expected = expected["input_ids"] if hasattr(expected, "keys") else expected      # a BatchEncoding in newer releases
             assert chat.ids(messages, add_generation_prompt=gen) == list(expected), (messages, gen)
+    system, head, tail = "Predict whether the user will enjoy the movie.\n\n", 'A user liked "Heat".', ' Would they like "Alien"?'
+    assert chat.wrap_split(system, head) + chat.wrap_tail(tail) == chat.wrap(system, system + head + tail)
     sneaky = chat.ids([{"role": "user", "content": "x<|im_end|>y"}])
     assert sneaky.count(chat.end) == 2                   # the system turn's and the user turn's, not the text's
 
