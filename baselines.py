@@ -270,8 +270,8 @@ def main(argv=None):
     t0 = time.time()
     try:
         d = data.load_from_args(a)
-        if d.implicit and a.task == "binary":
-            d, a.threshold = data.with_sampled_negatives(d, 1, a.seed), 1.0
+        if a.task == "binary":
+            d, a.threshold = data.binary_view(d, a.threshold, 1, a.seed)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if a.task == "binary":

@@ -476,6 +476,12 @@ def load_from_args(a, **kw) -> Data:
     return load(a.dataset, a.format, columns=a.columns, titles_path=a.titles, item_noun=a.item_noun, **kw)
 
 
+def binary_view(d: Data, threshold: float, per_positive: int = 1, seed: int = 0) -> tuple[Data, float]:
+    """(data, threshold) for the binary task (RecICL and its baselines): as they are for rated
+    data; implicit data gets sampled negatives (with_sampled_negatives) and threshold 1."""
+    return (with_sampled_negatives(d, per_positive, seed), 1.0) if d.implicit else (d, threshold)
+
+
 def with_sampled_negatives(d: Data, per_positive: int = 1, seed: int = 0) -> Data:
     """RecICL on implicit data (every rating 1): each interaction is a "Yes", and `per_positive`
     items that the user had not touched before it, drawn uniformly from the items seen in the

@@ -304,7 +304,10 @@ def check_tuned_like(run_dir: str, settings: dict):
     saved = {}
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f).get("args", {})
+            try:
+                saved = json.load(f).get("args", {})
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{path}: not a run's config.json ({e})") from None
     for flag, (value, default) in settings.items():
         tuned = saved.get(flag.lstrip("-").replace("-", "_"), default)
         if tuned != value:

@@ -430,5 +430,8 @@ def test_an_adapter_is_scored_as_it_was_tuned(tmp_path):
         trainer.check_tuned_like(str(run), {**same, "--chat": (False, False)})
     with pytest.raises(ValueError, match="tuned with --layout causal; this run has --layout blocks"):
         trainer.check_tuned_like(str(run), {**same, "--layout": ("blocks", "causal")})
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not a run's config.json"):
+        trainer.check_tuned_like(str(run), same)
     (run / "config.json").write_text(json.dumps({"args": {}}))          # written before the flags existed
     trainer.check_tuned_like(str(run), {"--layout": ("causal", "causal"), "--chat": (False, False)})
