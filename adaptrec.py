@@ -576,9 +576,8 @@ def add_common(p):
     generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
-    p.add_argument("--chat", action="store_true", help="every prompt (the judge's, training, generation, ranking) in "
-                   "the model's ChatML chat template: the system line as the system turn, the rest as the user turn, "
-                   "the answer as the assistant's turn ending in <|im_end|>; train and eval must agree")
+    generate.add_chat_arg(p, "every prompt (the judge's, training, generation, ranking): the system line as the "
+                          "system turn, the rest as the user turn, the answer as the assistant's turn ending in <|im_end|>")
 
 
 def data_key(d: data.Data) -> str:
@@ -609,6 +608,7 @@ def setup(a, log) -> Setup:
     key = f"{model_key(model)}-{data_key(d)}"
     cache = os.path.join(a.out, "cache")
     retriever = Retriever(d, pool, model, tok, VectorCache(os.path.join(cache, f"vectors-{key}.safetensors"), key), a.n, log=log)
+    a.chat = generate.use_chat(a.chat, a.model, tok)
     chat = generate.chat_template(a.model, tok) if a.chat else None
     judge_file = f"judge-{key}-{prompt_key(d.words, a.chat)}-h{a.judge_history}.json"
     selector = Selector(d, pool, model, tok, os.path.join(cache, judge_file), key, a.judge_history, log, chat)

@@ -86,6 +86,28 @@ def default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtyp
     return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+def add_chat_arg(p, what: str):
+    p.add_argument("--chat", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help=f"prompts in the model's chat template (ChatML): {what}. auto (default): on where the checkpoint's "
+                   "tokenizer_config.json carries a ChatML template (SmolLM2's does); --chat alone = on; train and eval "
+                   "must agree")
+
+
+def use_chat(setting, model_dir: str | None, tok: Tokenizer, why_not: str | None = None) -> bool:
+    """--chat auto|on|off as True/False (what a run's config.json records). auto: on where the
+    checkpoint has a ChatML template and why_not (a reason this run cannot use one) is None."""
+    if isinstance(setting, bool) or setting == "off":
+        return bool(setting) if isinstance(setting, bool) else False
+    if why_not is not None:
+        if setting == "on":
+            raise ValueError(f"--chat: {why_not}")
+        return False
+    if setting == "on":
+        chat_template(model_dir, tok)                # the error, if it has none
+        return True
+    return chat_format(model_dir or default_model_dir(), tok) is not None
+
+
 def chat_template(model_dir: str | None, tok: Tokenizer) -> ChatML:
     """--chat: the chat template of model_dir (None: the default model), or an error saying why not."""
     chat = chat_format(model_dir or default_model_dir(), tok)

@@ -325,9 +325,8 @@ def add_common(p):
     generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
-    p.add_argument("--chat", action="store_true", help="wrap every prompt, in training and scoring, in the model's "
-                   "chat template (ChatML: the system line as the system turn, the rest as the user turn; the answer "
-                   "opens the assistant's turn); train and eval must agree")
+    generate.add_chat_arg(p, "every prompt, in training and scoring, wrapped (the system line as the system turn, "
+                          "the rest as the user turn; the answer opens the assistant's turn; not with --layout blocks)")
     p.add_argument("--layout", choices=("causal", "blocks"), default="causal", help="causal: the paper's prompt, one "
                    "causal sequence; blocks: each block encoded alone, only the answer cue reads the demonstrations, "
                    "which lets training pack a user's samples (--pack); train and eval must use the same layout")
@@ -355,6 +354,8 @@ def setup(a, log, tuned: str | None = None):
     model, tok = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=tuned)
     if a.prompt_budget > model.args.max_seq_len:
         raise ValueError(f"--prompt-budget {a.prompt_budget} exceeds the model's context of {model.args.max_seq_len} tokens")
+    a.chat = generate.use_chat(a.chat, a.model, tok, None if a.layout == "causal" else
+                               "works with --layout causal only (a chat turn holds the whole prompt)")
     ans = answer_ids(tok, chat=a.chat)
     prompter = make_prompter(a, d, samples, tok, model, a.k_demos)
     log(f"[recicl] {len(samples)} samples; answer ids {ans}; K={a.k_demos}, budget {a.prompt_budget} tokens")
@@ -363,8 +364,6 @@ def setup(a, log, tuned: str | None = None):
 
 def make_prompter(a, d, samples, tok, model, k_demos: int):
     if a.layout == "blocks":
-        if a.chat:
-            raise ValueError("--chat works with --layout causal (a chat turn holds the whole prompt)")
         return BlockPrompter(d, samples, tok, k_demos, a.demo_history, model.args.max_seq_len)
     chat = generate.chat_template(a.model, tok) if a.chat else None
     return Prompter(d, samples, tok, k_demos, a.demo_history, a.prompt_budget, chat)

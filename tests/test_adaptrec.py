@@ -313,8 +313,8 @@ def test_chat_prompts_end_to_end(dirs):
         assert prefix + c == whole
     common = ["--model", model_dir, "--dataset", ds, "--out", out, "--n", "4", "--prompt-budget", "1200"]
     adaptrec.main(["train", *common, "--configs", "2:llm", "--train-rows", "4", "--batch-size", "4", "--chat"])
-    adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1", "--chat"])
+    adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"])   # auto: on
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["rows"][0]["method"] == "AdaptRec" and 0 <= res["rows"][0]["valid_ratio"] <= 1
     with pytest.raises(SystemExit, match="was tuned with --chat True; this run has --chat False"):
-        adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"])
+        adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1", "--chat", "off"])

@@ -1,5 +1,6 @@
 """recicl.py end to end on a tiny random model and a tiny dataset, plus its prompt rules,
 answer-token check and shared-prefix scoring."""
+import argparse
 import json
 import os
 
@@ -418,6 +419,28 @@ def test_chat_wrapping_scores_the_same_through_the_shared_prefix(setup_dirs):
         with torch.no_grad():
             lg = recicl.yes_no_logits(m, [pr.encode(text)], ans)[0]
         assert abs((lg[0] - lg[1]).item() - ranked[c]) < 1e-4
+
+
+def test_chat_is_on_by_default_where_the_checkpoint_has_a_chatml_template(setup_dirs):
+    """--chat auto: on with a ChatML template in tokenizer_config.json, off without one or where
+    the run cannot use it (--layout blocks); --chat on says why it cannot be."""
+    from conftest import write_byte_tokenizer
+    model_dir, _, _ = setup_dirs
+    write_byte_tokenizer(os.path.join(model_dir, "tokenizer.json"), chat=True)
+    _, tok = generate.load_model(model_dir, plain=True)
+    assert generate.use_chat("auto", model_dir, tok) is False and generate.use_chat("off", model_dir, tok) is False
+    with pytest.raises(ValueError, match="no chat template iclrec can render"):
+        generate.use_chat("on", model_dir, tok)
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}, f)
+    assert generate.use_chat("auto", model_dir, tok) is True and generate.use_chat("on", model_dir, tok) is True
+    assert generate.use_chat("off", model_dir, tok) is False and generate.use_chat(True, model_dir, tok) is True
+    assert generate.use_chat("auto", model_dir, tok, why_not="blocks") is False
+    with pytest.raises(ValueError, match="--chat: blocks"):
+        generate.use_chat("on", model_dir, tok, why_not="blocks")
+    p = argparse.ArgumentParser()
+    generate.add_chat_arg(p, "x")
+    assert [p.parse_args(v).chat for v in ([], ["--chat"], ["--chat", "off"])] == ["auto", "on", "off"]
 
 
 def test_an_adapter_is_scored_as_it_was_tuned(tmp_path):
