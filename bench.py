@@ -2,7 +2,7 @@
 transformers, and against the plain model.py path, measured in the same run.
 
     python bench.py [--model DIR] [--runs 7] [--only prefill,decode,long,memory,bf16,lora]
-    python bench.py --only lora,decode --without fused      # what one fast.py trick buys
+    python bench.py --only lora,decode --without attention  # what one fast.py trick buys
     python bench.py --only packed [--pack 32]               # RecICL packed training vs one prompt per sample
 
 Prints one JSON object per line:
@@ -339,8 +339,8 @@ def main(argv=None):
                     help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--pack", type=int, default=32, help="--only packed: samples per pack (recicl.py's --pack)")
-    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, column-major, "
-                    "fused, head, malloc): the extra column is then ours without them instead of the plain model")
+    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, malloc): "
+                    "the extra column is then ours without them instead of the plain model")
     ap.add_argument("--worker-without", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     model_dir = a.model

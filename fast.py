@@ -1,41 +1,35 @@
-"""The CPU speed layer: model.py's Llama, made faster for float32 on a CPU, with the same math.
+"""The CPU speed layer: model.py's Llama, made faster for float32 training on a CPU, with the same math.
 
     m = fast.load(model_dir)       # model.load(..., prepare=fast.prepare), and malloc tuning
     m = model.load(model_dir)      # the plain model (every command's --plain)
 
 Nothing here changes what the model computes; tests/test_fast.py checks that the two paths give
-equal logits, losses, LoRA gradients, caches and greedy tokens. `prepare` runs on the model
-built on 'meta' (model.load's hook), before any weight has storage, so the layouts below cost no
-extra peak memory. The tricks, by the names `load(without=...)` and `bench.py --without` use
-(what each buys, measured with bench.py: docs/BENCHMARKS.md):
+equal logits, losses, LoRA and full-model gradients, caches and greedy tokens. `prepare` runs on
+the model built on 'meta' (model.load's hook), before any weight has storage. The tricks, by the
+names `load(without=...)` and `bench.py --without` use (what each buys: docs/BENCHMARKS.md):
 
   attention      CausalAttention: attention forward and backward by hand in blocks of query
                  rows, for training on CPU. Torch's CPU flash kernels run at about a third of
-                 GEMM speed, and a block skips the key blocks it cannot see.
-  column-major   every fp32 matrix stored as a contiguous W^T, so F.linear(x, W) = x W^T reads
-                 it in order: faster GEMV when decoding; prefill GEMMs unchanged.
-  fused          q/k/v and gate/up weights as column slices of one buffer per group, so one
-                 GEMM computes the group (only while the projections are plain nn.Linear: a
-                 LoRA wrapper falls back to the separate projections).
-  head           vocab_linear: the output head as one bmm over per-thread slices of the
-                 vocabulary.
+                 GEMM speed, and a block skips the key blocks it cannot see (packed layouts).
+                 bench.py --only lora: a LoRA step on 512 tokens ~6% faster.
   malloc         keep_freed_memory: glibc keeps freed memory, so a training step stops
                  page-faulting its activations back in. Process-wide: fast.load sets it.
 
-In bfloat16, or on another device, fast.load is model.load: these tricks are for fp32 on CPU.
+Three earlier tricks (column-major weights, fused q/k/v and gate/up GEMMs, a thread-sliced
+output head) were taken out when bench.py found each of them slower than the plain layout on
+this project's machine (docs/BENCHMARKS.md). In bfloat16, or on another device, fast.load is
+model.load: these tricks are for fp32 on CPU.
 """
 import math
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import model as llama
-from model import MLP, Attention, sdpa
+from model import Attention, sdpa
 
 
-TRICKS = ("attention", "column-major", "fused", "head", "malloc")
+TRICKS = ("attention", "malloc")
 
 
 def load(model_dir: str, dtype=torch.float32, device="cpu", without=()):
@@ -48,119 +42,25 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", without=()):
         raise ValueError(f"unknown fast.py tricks {sorted(unknown)}; known: {', '.join(TRICKS)}")
     if "malloc" not in without:
         keep_freed_memory()
-
-    def hook(model, dtype, device):
-        prepare(model, dtype, device, without)
-    return llama.load(model_dir, dtype=dtype, device=device, prepare=hook)
+    return llama.load(model_dir, dtype=dtype, device=device, prepare=lambda m: prepare(m, without))
 
 
-def prepare(model: llama.Llama, dtype, device, without=()):
-    """model.load's hook: swap in the fused modules and give every matrix column-major storage.
-    Names, shapes and values stay those of the checkpoint; only the memory layout differs."""
-    with torch.device("meta"):
-        for block in model.model.layers:
-            block.self_attn = FusedAttention(model.args, train_kernel="attention" not in without)
-            block.mlp = FusedMLP(model.args)
-    if "fused" not in without:
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            attn.qkv_t = fuse((attn.q_proj, attn.k_proj, attn.v_proj), dtype, device, "column-major" not in without)
-            mlp.gate_up_t = fuse((mlp.gate_proj, mlp.up_proj), dtype, device, "column-major" not in without)
-    if "column-major" not in without:
-        for module in model.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                if p.is_meta and p.dim() == 2:
-                    setattr(module, name, nn.Parameter(column_major(torch.empty(p.shape, dtype=dtype, device=device))))
-    if "head" not in without:
-        model.head_linear = vocab_linear
+def prepare(model: llama.Llama, without=()):
+    """model.load's hook: every block's attention becomes FastAttention (same weights, same names)."""
+    if "attention" not in without:
+        with torch.device("meta"):
+            for block in model.model.layers:
+                block.self_attn = FastAttention(model.args)
 
 
-# ----------------------------------------------------------------------------- layouts
-
-def column_major(w: torch.Tensor) -> torch.Tensor:
-    """The same (out, in) matrix stored column-major: a contiguous W^T viewed back as (out, in).
-    F.linear(x, w) computes x @ W^T, and with W^T contiguous a CPU GEMV reads it in order. In
-    bfloat16 this layout is >10x slower, so it is for float32 only."""
-    return w.t().contiguous().t()
-
-
-def fuse(linears, dtype, device, by_columns: bool = True) -> torch.Tensor:
-    """One buffer for a group of linears with the same input, each weight an (out, in) slice of
-    it: (in, sum of outs) column slices (column-major weights), or row slices of a
-    (sum of outs, in) buffer with by_columns=False."""
-    outs = sum(m.out_features for m in linears)
-    buf = torch.empty(linears[0].in_features, outs, dtype=dtype, device=device)
-    if not by_columns:
-        buf = torch.empty(outs, linears[0].in_features, dtype=dtype, device=device).t()
-    start = 0
-    for m in linears:
-        m.weight = nn.Parameter(buf[:, start:start + m.out_features].t())
-        start += m.out_features
-    return buf
-
-
-def is_fused(buf: torch.Tensor, linears) -> bool:
-    """True while `linears` are plain, frozen nn.Linear whose weights are still the slices of `buf`
-    made by `fuse`; a LoRA wrapper, a .to() that moved them or training the weights themselves
-    (full fine-tuning: gradients go to the parameters, not to `buf`) ends the fused path."""
-    return (all(type(m) is nn.Linear and not m.weight.requires_grad for m in linears)
-            and linears[0].weight.data_ptr() == buf.data_ptr())
-
-
-class FusedAttention(Attention):
-    """Attention with q/k/v in one GEMM and CausalAttention for training on CPU."""
-
-    def __init__(self, args, train_kernel: bool = True):
-        super().__init__(args)
-        self.qkv_t = None        # (D, (nh + 2 nkv) hd), set by `prepare`
-        self.train_kernel = train_kernel
-
-    def project(self, x):
-        if self.qkv_t is None or not is_fused(self.qkv_t, (self.q_proj, self.k_proj, self.v_proj)):
-            return super().project(x)
-        B, T, _ = x.shape
-        qkv = F.linear(x, self.qkv_t.t()).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
-        return qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=2)
+class FastAttention(Attention):
+    """Attention that trains with CausalAttention on CPU; everything else as model.Attention."""
 
     def attend(self, q, k, v, mask, own_slots: bool):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if self.train_kernel and own_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
+        if own_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
             return CausalAttention.apply(q, k, v, mask)
         return sdpa(q, k, v, mask)
-
-
-class FusedMLP(MLP):
-    """SwiGLU with gate and up in one GEMM."""
-
-    def __init__(self, args):
-        super().__init__(args)
-        self.gate_up_t = None    # (D, 2 H), set by `prepare`
-
-    def forward(self, x):
-        if self.gate_up_t is None or not is_fused(self.gate_up_t, (self.gate_proj, self.up_proj)):
-            return super().forward(x)
-        gate, up = F.linear(x, self.gate_up_t.t()).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
-# ----------------------------------------------------------------------------- output head
-
-def vocab_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(h, w) for the output head, w: (V, D) with V large. In float32 on CPU it runs as one
-    bmm over n = torch.get_num_threads() slices of the vocabulary (h @ W_i^T for row slices W_i of
-    w): torch gives each batch entry of a bmm its own thread, and each thread streams its slice of
-    w once; one GEMM with few rows of h (a decode step, a loss at a few positions) reaches a
-    fraction of that speed. Same products; the sums run in another order (fp32 rounding)."""
-    n = torch.get_num_threads()
-    V, D = w.shape
-    if h.shape[-1] != D:     # checked here: the bmm path would reshape a wrong h before failing
-        raise ValueError(f"hidden states of size {h.shape[-1]} do not fit the output head ({V} x {D})")
-    if h.device.type != "cpu" or w.dtype != torch.float32 or n == 1 or V % n:
-        return F.linear(h, w)
-    rows = h.reshape(-1, D)
-    slices = w.t().unflatten(1, (n, V // n)).transpose(0, 1)                  # (n, D, V/n) views of w
-    out = torch.bmm(rows.expand(n, -1, -1), slices)                           # (n, rows, V/n)
-    return out.transpose(0, 1).reshape(*h.shape[:-1], V)
 
 
 # ----------------------------------------------------------------------------- training attention

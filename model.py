@@ -1,25 +1,16 @@
 """Llama-2 in plain PyTorch: the architecture, a KV cache, masks, the training loss, a strict loader.
 
-  ModelArgs                  config; defaults are Llama-2-7B; built from a HF config.json
-  rms_norm, rope, sdpa       the math, as small pure functions
-  KVCache                    preallocated (B, n_kv, T_max, hd) keys/values written at explicit slots
-  Attention, MLP, Block, Llama   modules named exactly like the HF checkpoint keys
-  attention_mask, rows_mask  the one mask rule
-  read_config, load          a strict loader for a HF-layout directory (safetensors, single or
-                             sharded); the tokenizer is in tokenizer.py
+This file imports nothing from the project: copied alone, it is a working model that loads a HF
+Llama directory (config.json, safetensors). Generation and batched scoring are in generate.py;
+fast.py makes training faster on a CPU through two hooks (load's `prepare`,
+Attention.attend). Refused by name in a config: rope scaling, biases, activations other than
+SiLU, sliding windows.
 
-This file imports nothing from the project: copied alone, it is a working model. Generation and
-batched scoring are in generate.py; fast.py makes the same model faster on a CPU through the
-two hooks here (load's `prepare` and Llama.head_linear). Left out, and refused by name in a
-config: rope scaling, attention/MLP biases, activations other than SiLU, sliding windows.
-
-Precision: RMSNorm statistics, the RoPE tables and rotation, the logits and the loss are fp32
-whatever the weight dtype; SDPA's CPU kernels accumulate bf16 inputs in fp32.
-
+Precision: RMSNorm statistics, RoPE, the logits and the loss are fp32 whatever the weight dtype.
 Positions and masks come from the data: every token carries a `valid` flag (False = padding);
 its RoPE position is the number of valid tokens before it in its row (prefix and cache
-included); a query sees a key iff the key's slot is not after its own and the key is valid.
-A padded query always sees itself, so no softmax row is empty; nobody reads its output.
+included); a query sees a key iff the key's slot is not after its own and the key is valid. A
+padded query always sees itself, so no softmax row is empty; nobody reads its output.
 
 References: Touvron et al. 2023, "Llama 2" (arXiv 2307.09288); Su et al. 2021, RoFormer
 (arXiv 2104.09864); Zhang & Sennrich 2019, RMSNorm; Shazeer 2020, SwiGLU (arXiv 2002.05202);
@@ -213,7 +204,8 @@ class Attention(nn.Module):
         at: (B, n) slots; only their queries are kept (keys and values from all T slots), and
         the output is (B, n, D); mask is then (B, 1, n, T) from `rows_mask`."""
         B, T, _ = x.shape
-        q, k, v = self.project(x)                                          # (B, T, heads, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k, v = self.k_proj(x).view(B, T, self.n_kv, self.hd), self.v_proj(x).view(B, T, self.n_kv, self.hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if at is not None:
             q = q.take_along_dim(at[:, :, None, None], dim=1)                  # (B, n, nh, hd)
@@ -230,12 +222,6 @@ class Attention(nn.Module):
         own_slots = kv_write is None and kv_prefix is None and at is None
         y = self.attend(q, k, v, mask, own_slots)                               # (B, nh, T or n, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.hd))
-
-    def project(self, x):
-        """q (B, T, nh, hd), k and v (B, T, nkv, hd), before RoPE."""
-        B, T, _ = x.shape
-        return (self.q_proj(x).view(B, T, self.n_heads, self.hd), self.k_proj(x).view(B, T, self.n_kv, self.hd),
-                self.v_proj(x).view(B, T, self.n_kv, self.hd))
 
     def attend(self, q, k, v, mask, own_slots: bool):
         """softmax(q k^T / sqrt(hd) + mask) v. own_slots: the keys sit at the queries' own slots
@@ -296,13 +282,11 @@ class Llama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
 
-    head_linear = staticmethod(F.linear)   # fast.py swaps in a faster CPU output head
-
     def head(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits in fp32 for hidden states h (..., D); optionally only for some vocab rows."""
         if vocab_ids is not None:
             return F.linear(h, self.head_weight[vocab_ids]).float()
-        return self.head_linear(h, self.head_weight).float()
+        return F.linear(h, self.head_weight).float()
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, prefix: KVCache | None = None,
@@ -507,14 +491,13 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Lla
     """Strictly load a HF Llama directory (config.json, safetensors). Every expected tensor must
     be present with its exact shape; missing, extra or mis-shaped tensors are errors that name
     them. (The model with its tokenizer, and the default model: generate.load_model.)
-    prepare(model, dtype, device), if given, runs on the model built on 'meta' before any
-    weight has storage: it may swap modules or give parameters storage in its own layout
-    (fast.py does both); every parameter still on 'meta' then gets plain storage."""
+    prepare(model), if given, runs on the model built on 'meta', before any weight has storage:
+    it may swap modules (fast.py swaps the attention) at no cost in peak memory."""
     args = read_config(model_dir)
     with torch.device("meta"):
         model = Llama(args)
     if prepare is not None:
-        prepare(model, dtype, device)
+        prepare(model)
     for module in model.modules():                 # storage for every weight, filled below
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:

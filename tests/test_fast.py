@@ -31,16 +31,23 @@ def close(a, b, rel=1e-5):
 
 def test_fast_path_is_in_use(tiny):
     """The fast model really takes the other path (else every equality below is vacuous), and
-    the plain one does not."""
+    the plain one does not: its training attention is CausalAttention, with the same weights."""
     plain, quick = both_paths(tiny[0])
-    assert type(quick.model.layers[0].self_attn) is fast.FusedAttention and quick.head_linear is fast.vocab_linear
-    assert type(plain.model.layers[0].self_attn) is llama.Attention and plain.head_linear is torch.nn.functional.linear
-    w = quick.model.layers[0].mlp.down_proj.weight
-    assert w.stride() == (1, w.shape[0])                        # column-major
-    attn = quick.model.layers[0].self_attn
-    assert fast.is_fused(attn.qkv_t, (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert type(quick.model.layers[0].self_attn) is fast.FastAttention
+    assert type(plain.model.layers[0].self_attn) is llama.Attention
     for name, p in plain.named_parameters():
-        assert torch.equal(p, dict(quick.named_parameters())[name]), name   # same values, other layout
+        assert torch.equal(p, dict(quick.named_parameters())[name]), name
+    calls = []
+    real = fast.CausalAttention.apply
+    fast.CausalAttention.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        lora.inject(quick, ("q_proj", "v_proj"), r=2)
+        quick.train()
+        idx = torch.randint(0, 300, (1, 20))
+        quick.loss(idx, idx, torch.ones_like(idx, dtype=torch.bool)).backward()
+    finally:
+        fast.CausalAttention.apply = real
+    assert len(calls) == quick.args.n_layers - 1            # the last layer runs at `at` rows only: SDPA
 
 
 def test_logits_and_loss_equal(tiny):
@@ -63,8 +70,8 @@ def test_logits_and_loss_equal(tiny):
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj")])
 def test_lora_gradients_equal(tiny, targets):
-    """Training: the loss and every LoRA gradient (CausalAttention's backward, the fused MLP
-    beside LoRA-wrapped projections, vocab_linear's backward) against the plain path."""
+    """Training: the loss and every LoRA gradient (CausalAttention's backward) against the plain
+    path (SDPA's)."""
     models = both_paths(tiny[0])
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 300, (2, 70), generator=g)
@@ -122,8 +129,7 @@ def test_own_layout_gradients_equal(tiny):
 
 
 def test_full_fine_tuning_gradients_equal(tiny):
-    """Full fine-tuning (every weight requires grad): the fused q/k/v and gate/up path steps
-    aside (its buffers are not the parameters), and every weight's gradient, the embeddings'
+    """Full fine-tuning (every weight requires grad): every weight's gradient, the embeddings'
     and, untied, the head's included, equals the plain path's."""
     models = both_paths(tiny[0])
     idx = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(6))
@@ -134,8 +140,6 @@ def test_full_fine_tuning_gradients_equal(tiny):
         m.requires_grad_(True).train()
         m.loss(idx, torch.roll(idx, -1, 1), sup).backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
-    attn = models[1].model.layers[0].self_attn
-    assert not fast.is_fused(attn.qkv_t, (attn.q_proj, attn.k_proj, attn.v_proj))
     ga, gb = grads
     assert ga.keys() == gb.keys() and "model.embed_tokens.weight" in ga
     for name in ga:
@@ -159,9 +163,7 @@ def test_each_trick_can_be_left_out(tiny_untied, trick):
     the LoRA gradients of a short training loss), and the trick is really off."""
     path = tiny_untied[0]
     plain, quick = llama.load(path), fast.load(path, without=[trick])
-    off = {"attention": not quick.model.layers[0].self_attn.train_kernel, "head": quick.head_linear is not fast.vocab_linear,
-           "fused": quick.model.layers[0].mlp.gate_up_t is None, "malloc": True,
-           "column-major": quick.model.layers[0].mlp.down_proj.weight.is_contiguous()}
+    off = {"attention": type(quick.model.layers[0].self_attn) is llama.Attention, "malloc": True}
     assert off[trick]
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(5))
     grads = []
@@ -183,7 +185,7 @@ def test_each_trick_can_be_left_out(tiny_untied, trick):
 
 def test_fast_load_is_plain_off_the_fp32_cpu_path(tiny):
     m = fast.load(tiny[0], dtype=torch.bfloat16)
-    assert type(m.model.layers[0].self_attn) is llama.Attention and m.head_linear is torch.nn.functional.linear
+    assert type(m.model.layers[0].self_attn) is llama.Attention
 
 
 def test_real_model_paths_agree(default_dir):
@@ -248,36 +250,6 @@ def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep
     q2, v2 = ours[0].detach().requires_grad_(), ours[2].detach().requires_grad_()
     dq2, dv2 = torch.autograd.grad(fast.CausalAttention.apply(q2, ours[1].detach(), v2, mask), (q2, v2), dy.to(dtype))
     assert torch.equal(dq2, grads[0]) and torch.equal(dv2, grads[2])
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3, 4])
-@pytest.mark.parametrize("V", [96, 100])          # 100: not divisible by 3 or 8 threads' slices
-@pytest.mark.parametrize("lead", [(), (5,), (2, 7)])
-@pytest.mark.parametrize("layout", ["row", "column"])
-def test_vocab_linear_matches_float64_linear(threads, V, lead, layout):
-    """The output head's sliced bmm against F.linear in float64: values and the gradient of h,
-    for row- and column-major weights (fast.prepare stores matrices column-major)."""
-    torch.manual_seed(0)
-    w = torch.randn(V, 24)
-    if layout == "column":
-        w = fast.column_major(w)
-    h = torch.randn(*lead, 24, requires_grad=True)
-    dy = torch.randn(*lead, V)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = fast.vocab_linear(h, w)
-        (dh,) = torch.autograd.grad(out, h, dy)
-    finally:
-        torch.set_num_threads(old)
-    h64 = h.detach().double().requires_grad_()
-    ref = torch.nn.functional.linear(h64, w.double())
-    (dref,) = torch.autograd.grad(ref, h64, dy.double())
-    assert out.shape == ref.shape == (*lead, V)
-    assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
-    assert (dh.double() - dref).abs().max() < 1e-4 * dref.abs().max()
-    with pytest.raises(ValueError, match="size 12 do not fit the output head"):
-        fast.vocab_linear(torch.randn(*lead, 2, 12), w)      # same element count as (*lead, 24)
 
 
 _ALLOC_ROUNDS = textwrap.dedent("""
