@@ -339,7 +339,7 @@ def main(argv=None):
                     help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--pack", type=int, default=32, help="--only packed: samples per pack (recicl.py's --pack)")
-    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, malloc): "
+    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention): "
                     "the extra column is then ours without them instead of the plain model")
     ap.add_argument("--worker-without", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -1,27 +1,26 @@
 """The CPU speed layer: model.py's Llama, made faster for float32 training on a CPU, with the same math.
 
-    m = fast.load(model_dir)       # model.load(..., prepare=fast.prepare), and malloc tuning
+    m = fast.load(model_dir)       # model.load(..., prepare=fast.prepare)
     m = model.load(model_dir)      # the plain model (every command's --plain)
 
 Nothing here changes what the model computes; tests/test_fast.py checks that the two paths give
 equal logits, losses, LoRA and full-model gradients, caches and greedy tokens. `prepare` runs on
-the model built on 'meta' (model.load's hook), before any weight has storage. The tricks, by the
-names `load(without=...)` and `bench.py --without` use (what each buys: docs/BENCHMARKS.md):
+the model built on 'meta' (model.load's hook), before any weight has storage. The one trick, by the
+name `load(without=...)` and `bench.py --without` use (what it buys: docs/BENCHMARKS.md):
 
   attention      CausalAttention: attention forward and backward by hand in blocks of query
                  rows, for training on CPU. Torch's CPU flash kernels run at about a third of
                  GEMM speed, and a block skips the key blocks it cannot see (packed layouts).
                  bench.py --only lora: a LoRA step on 512 tokens ~6% faster.
-  malloc         keep_freed_memory: glibc keeps freed memory, so a training step stops
-                 page-faulting its activations back in. Process-wide: fast.load sets it.
 
-Three earlier tricks (column-major weights, fused q/k/v and gate/up GEMMs, a thread-sliced
-output head) were taken out when bench.py found each of them slower than the plain layout on
-this project's machine (docs/BENCHMARKS.md). In bfloat16, or on another device, fast.load is
-model.load: these tricks are for fp32 on CPU.
+Four earlier tricks were taken out when bench.py found them buying nothing above the noise on
+this project's machine (docs/BENCHMARKS.md): column-major weights, fused q/k/v and gate/up
+GEMMs and a thread-sliced output head were slower than the plain layout, and glibc malloc
+tuning bought 0.5% of a LoRA step while it raised the peak memory of loading by half. In
+bfloat16, or on another device, fast.load is model.load: the training attention is for fp32 on
+CPU.
 """
 import math
-import sys
 
 import torch
 
@@ -29,7 +28,7 @@ import model as llama
 from model import Attention, sdpa
 
 
-TRICKS = ("attention", "malloc")
+TRICKS = ("attention",)
 
 
 def load(model_dir: str, dtype=torch.float32, device="cpu", without=()):
@@ -40,8 +39,6 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", without=()):
     unknown = set(without) - set(TRICKS)
     if unknown:
         raise ValueError(f"unknown fast.py tricks {sorted(unknown)}; known: {', '.join(TRICKS)}")
-    if "malloc" not in without:
-        keep_freed_memory()
     return llama.load(model_dir, dtype=dtype, device=device, prepare=lambda m: prepare(m, without))
 
 
@@ -174,28 +171,3 @@ def _attention_blocks(Q, K, mask, G):
         else:
             S.masked_fill_(~mask[:, :, s:e, lo:e].repeat_interleave(G, dim=2), float("-inf"))  # (B, 1, (e-s)*G, e-lo)
         yield s, e, lo, torch.softmax(S, dim=-1).view(Bk, -1, e - lo)
-
-
-# ----------------------------------------------------------------------------- memory
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in the process (Linux only; False elsewhere).
-
-    Torch's CPU tensors come straight from malloc. By default glibc hands freed memory back to
-    the kernel when the free top of its heap passes a threshold (a few MB), and maps blocks
-    above another (at most 32 MB) afresh each time. A training step frees its activations in
-    the backward and allocates them again in the next forward, so each step page-faults tens
-    of MB of them back in, zero-filled by the kernel. With both thresholds at 1 GB the memory is
-    reused instead: the peak resident size is unchanged (it is reached every step anyway) and
-    the LoRA step of bench.py ran ~2% faster (alternating processes, 21 steps each; minor
-    faults per step from ~14,000 to ~3). Process-wide and permanent: fast.load calls it, so a
-    program that loads the fast model opts in. mallopt(3): M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3."""
-    import ctypes
-    import ctypes.util
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):                # not glibc (musl has no mallopt)
-        return False
-    return bool(mallopt(-3, 1 << 30)) and bool(mallopt(-1, 1 << 30))

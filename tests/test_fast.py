@@ -4,10 +4,6 @@ As llama2.c's test_all.py does for its two implementations: on tiny random GQA m
 untied, every output a caller reads is asserted equal between fast.load and model.load (logits,
 loss, every LoRA gradient, batched prefill caches, greedy tokens); then each kernel against an
 independent float64 reference, and one check on the real model."""
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,9 +13,6 @@ import generate
 import lora
 import model as llama
 from tokenizer import load_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def both_paths(path):
     return llama.load(path), fast.load(path)
@@ -163,8 +156,7 @@ def test_each_trick_can_be_left_out(tiny_untied, trick):
     the LoRA gradients of a short training loss), and the trick is really off."""
     path = tiny_untied[0]
     plain, quick = llama.load(path), fast.load(path, without=[trick])
-    off = {"attention": type(quick.model.layers[0].self_attn) is llama.Attention, "malloc": True}
-    assert off[trick]
+    assert {"attention": type(quick.model.layers[0].self_attn) is llama.Attention}[trick]
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(5))
     grads = []
     for m in (plain, quick):
@@ -250,33 +242,3 @@ def test_causal_attention_matches_sdpa(B, nh, nkv, T, hd, pads, dtype, tol, keep
     q2, v2 = ours[0].detach().requires_grad_(), ours[2].detach().requires_grad_()
     dq2, dv2 = torch.autograd.grad(fast.CausalAttention.apply(q2, ours[1].detach(), v2, mask), (q2, v2), dy.to(dtype))
     assert torch.equal(dq2, grads[0]) and torch.equal(dv2, grads[2])
-
-
-_ALLOC_ROUNDS = textwrap.dedent("""
-    import resource, sys, torch
-    import fast
-    if sys.argv[1] == "keep":
-        assert fast.keep_freed_memory()
-    faults = []
-    for _ in range(6):                   # like a step: 160 MB of activations made, then all freed
-        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        xs = [torch.empty(10 << 20).fill_(1) for _ in range(4)]
-        del xs
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
-    print(*faults)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_keep_freed_memory_stops_refaulting():
-    """Allocating and freeing a step's worth of tensors (4 x 40 MB) again and again, each case in
-    a fresh process, counting minor page faults (4 KB each). By default glibc maps blocks above
-    32 MB afresh each time, so every round faults its 160 MB in (~41,000 faults); after
-    keep_freed_memory() the memory is reused and the last rounds fault (almost) nothing."""
-    def rounds(mode):
-        out = subprocess.run([sys.executable, "-c", _ALLOC_ROUNDS, mode], cwd=ROOT, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        return [int(x) for x in out.stdout.split()]
-    default, kept = rounds("default"), rounds("keep")
-    assert min(default) > 30000, default   # the count works and the default does refault
-    assert sum(kept[3:]) < 2000, kept
