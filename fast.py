@@ -11,7 +11,7 @@ name `load(without=...)` and `bench.py --without` use (what it buys: docs/BENCHM
   attention      CausalAttention: attention forward and backward by hand in blocks of query
                  rows, for training on CPU. Torch's CPU flash kernels run at about a third of
                  GEMM speed, and a block skips the key blocks it cannot see (packed layouts).
-                 bench.py --only lora: a LoRA step on 512 tokens ~6% faster.
+                 bench.py --only lora: a LoRA step on 512 tokens 4 to 6% faster.
 
 Four earlier tricks were taken out when bench.py found them buying nothing above the noise on
 this project's machine (docs/BENCHMARKS.md): column-major weights, fused q/k/v and gate/up
