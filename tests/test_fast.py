@@ -22,6 +22,16 @@ def close(a, b, rel=1e-5):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() <= rel
 
 
+def train_lora(m, targets):
+    """The same LoRA on both paths (seeded), B nonzero so that every gradient flows; train mode."""
+    torch.manual_seed(0)
+    lora.inject(m, targets, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for mod in lora.lora_modules(m).values():
+            mod.lora_B.weight.normal_(0, 0.05)
+    m.train()
+
+
 def test_fast_path_is_in_use(tiny):
     """The fast model really takes the other path (else every equality below is vacuous), and
     the plain one does not: its training attention is CausalAttention, with the same weights."""
@@ -74,12 +84,7 @@ def test_lora_gradients_equal(tiny, targets):
     sup[0, 40:69], sup[1, 30:54] = True, True
     grads = []
     for m in models:
-        torch.manual_seed(0)
-        lora.inject(m, targets, r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for mod in lora.lora_modules(m).values():
-                mod.lora_B.weight.normal_(0, 0.05)               # nonzero B: every gradient flows
-        m.train()
+        train_lora(m, targets)
         loss = m.loss(idx, torch.roll(idx, -1, 1), sup, valid)
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
@@ -104,12 +109,7 @@ def test_own_layout_gradients_equal(tiny):
     at = torch.tensor([[T - 1, 39], [T - 2, 100]])
     grads = []
     for m in both_paths(tiny[0]):
-        torch.manual_seed(0)
-        lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for mod in lora.lora_modules(m).values():
-                mod.lora_B.weight.normal_(0, 0.05)
-        m.train()
+        train_lora(m, ("q_proj", "v_proj"))
         h = m(idx, pos=pos.expand(2, -1), mask=mask.expand(2, 1, -1, -1), at=at)
         loss = m.head(h).logsumexp(-1).mean()
         loss.backward()
@@ -160,12 +160,7 @@ def test_each_trick_can_be_left_out(tiny_untied, trick):
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(5))
     grads = []
     for m in (plain, quick):
-        torch.manual_seed(0)
-        lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for mod in lora.lora_modules(m).values():
-                mod.lora_B.weight.normal_(0, 0.05)
-        m.train()
+        train_lora(m, ("q_proj", "v_proj"))
         sup = torch.zeros_like(idx, dtype=torch.bool)
         sup[:, 10:] = True
         m.loss(idx, torch.roll(idx, -1, 1), sup).backward()
