@@ -96,15 +96,16 @@ def add_chat_arg(p, what: str):
 def use_chat(setting, model_dir: str | None, tok: Tokenizer, why_not: str | None = None) -> bool:
     """--chat auto|on|off as True/False (what a run's config.json records). auto: on where the
     checkpoint has a ChatML template and why_not (a reason this run cannot use one) is None."""
-    if isinstance(setting, bool) or setting == "off":
-        return bool(setting) if isinstance(setting, bool) else False
+    if isinstance(setting, bool):                    # resolved already
+        return setting
+    if setting == "off":
+        return False
     if why_not is not None:
         if setting == "on":
             raise ValueError(f"--chat: {why_not}")
         return False
     if setting == "on":
-        chat_template(model_dir, tok)                # the error, if it has none
-        return True
+        return chat_template(model_dir, tok) is not None    # raises where there is none
     return chat_format(model_dir or default_model_dir(), tok) is not None
 
 
