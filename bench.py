@@ -71,10 +71,12 @@ def rss_step_peak(fn, baseline):
 
 
 def load_ours(side: str, model_dir: str, dtype, without):
-    """side "ours": fast.load (without the tricks named); "plain": model.load."""
+    """side "ours": fast.load (without the tricks named); "plain": model.load (from --plain-code's
+    checkout, if given: there, before fast.py existed, load returned (model, tokenizer))."""
     if side == "plain":
         import model
-        return model.load(model_dir, dtype=dtype)
+        m = model.load(model_dir, dtype=dtype)
+        return m[0] if isinstance(m, tuple) else m
     import fast
     return fast.load(model_dir, dtype=dtype, without=without)
 
@@ -342,7 +344,12 @@ def main(argv=None):
     ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention): "
                     "the extra column is then ours without them instead of the plain model")
     ap.add_argument("--worker-without", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--plain-code", default=None, help="a checkout of an earlier commit: the plain column then runs "
+                    "that checkout's model.py, generate.py and lora.py (`git worktree add DIR REV`), ours against "
+                    "the earlier code in one run")
     a = ap.parse_args(argv)
+    if a.worker and a.plain_code:
+        sys.path.insert(0, os.path.abspath(a.plain_code))   # this worker imports the earlier code
     model_dir = a.model
     if model_dir is None:
         from convert_gguf import default_model_dir
@@ -357,6 +364,8 @@ def main(argv=None):
         alt_side, alt_extra, alt_name = "ours", ["--worker-without", a.without], "without_" + a.without
     else:                                             # the extra column: the plain model.py path
         alt_side, alt_extra, alt_name = "plain", [], "plain"
+        if a.plain_code:
+            alt_extra, alt_name = ["--plain-code", a.plain_code], "earlier"
     if which & {"prefill", "decode", "long"}:
         ours = Worker("ours", model_dir)
         if which & {"prefill", "decode"}:

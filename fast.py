@@ -20,15 +20,18 @@ tuning bought 0.5% of a LoRA step while it raised the peak memory of loading by 
 bfloat16, or on another device, fast.load is model.load: the training attention is for fp32 on
 CPU.
 """
+import functools
 import math
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import model as llama
 from model import Attention, sdpa
 
 
-TRICKS = ("attention",)
+TRICKS = ("attention", "gemv")
 
 
 def load(model_dir: str, dtype=torch.float32, device="cpu", without=()):
@@ -43,11 +46,54 @@ def load(model_dir: str, dtype=torch.float32, device="cpu", without=()):
 
 
 def prepare(model: llama.Llama, without=()):
-    """model.load's hook: every block's attention becomes FastAttention (same weights, same names)."""
-    if "attention" not in without:
-        with torch.device("meta"):
-            for block in model.model.layers:
+    """model.load's hook, on the model built on 'meta': every block's attention becomes
+    FastAttention, every projection a SplitLinear, and the output head splits its product too.
+    Same weights, same names; the swapped modules are built on 'meta' too, so load allocates
+    them as it does the rest."""
+    with torch.device("meta"):
+        for block in model.model.layers:
+            if "attention" not in without:
                 block.self_attn = FastAttention(model.args)
+            if "gemv" not in without:
+                for parent in (block.self_attn, block.mlp):
+                    for name, child in list(parent.named_children()):
+                        setattr(parent, name, SplitLinear(child.in_features, child.out_features, bias=False))
+    if "gemv" not in without:
+        model.head = functools.partial(split_head, model)      # shadows Llama.head on this model only
+
+
+# ----------------------------------------------------------------------------- few-row products
+
+SPLIT_MAX_ROWS = 64    # inputs of at most this many rows (decoding, the loss's few positions) are split
+
+
+def split_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) = x @ w^T for an x of few rows, as one bmm over the thread count's slices of
+    w's output rows: torch runs each batch entry of a bmm on its own thread, so every thread
+    streams its own part of the weights. MKL keeps a product of one to a few rows on one thread,
+    which on a 2-core EPYC streams the weights at about half the speed of two (docs/BENCHMARKS.md).
+    The same products; their sums may run in another order (fp32 rounding)."""
+    n = torch.get_num_threads()
+    rows = x.numel() // x.shape[-1]
+    if rows > SPLIT_MAX_ROWS or n == 1 or w.shape[0] % n or x.device.type != "cpu" or w.dtype != torch.float32:
+        return F.linear(x, w)
+    out_f, in_f = w.shape
+    slices = w.view(n, out_f // n, in_f).transpose(1, 2)                        # (n, in, out/n) views of w
+    y = torch.bmm(x.reshape(1, rows, in_f).expand(n, -1, -1), slices)           # (n, rows, out/n)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], out_f)
+
+
+class SplitLinear(nn.Linear):
+    """nn.Linear (no bias) whose few-row products go through split_linear."""
+
+    def forward(self, x):
+        return split_linear(x, self.weight)
+
+
+def split_head(model: llama.Llama, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Llama.head through split_linear: logits in fp32, optionally only for some vocab rows."""
+    w = model.head_weight if vocab_ids is None else model.head_weight[vocab_ids]
+    return split_linear(h, w).float()
 
 
 class FastAttention(Attention):

@@ -38,6 +38,8 @@ def test_fast_path_is_in_use(tiny):
     plain, quick = both_paths(tiny[0])
     assert type(quick.model.layers[0].self_attn) is fast.FastAttention
     assert type(plain.model.layers[0].self_attn) is llama.Attention
+    assert type(quick.model.layers[0].mlp.up_proj) is fast.SplitLinear and quick.head.func is fast.split_head
+    assert type(plain.model.layers[0].mlp.up_proj) is torch.nn.Linear and "head" not in vars(plain)
     for name, p in plain.named_parameters():
         assert torch.equal(p, dict(quick.named_parameters())[name]), name
     calls = []
@@ -156,7 +158,8 @@ def test_each_trick_can_be_left_out(tiny_untied, trick):
     the LoRA gradients of a short training loss), and the trick is really off."""
     path = tiny_untied[0]
     plain, quick = llama.load(path), fast.load(path, without=[trick])
-    assert {"attention": type(quick.model.layers[0].self_attn) is llama.Attention}[trick]
+    assert {"attention": type(quick.model.layers[0].self_attn) is llama.Attention,
+            "gemv": type(quick.model.layers[0].self_attn.q_proj) is torch.nn.Linear and "head" not in vars(quick)}[trick]
     idx = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(5))
     grads = []
     for m in (plain, quick):
@@ -187,6 +190,29 @@ def test_real_model_paths_agree(default_dir):
 
 
 # ----------------------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 5, 48), (64, 48), (65, 48)])
+def test_split_linear_matches_float64(shape, threads):
+    """split_linear against F.linear in float64, value and gradients (x and w), on the split path
+    (at most SPLIT_MAX_ROWS rows, out_features divisible by the thread count) and off it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x, w, dy = torch.randn(*shape, generator=g), torch.randn(36, 48, generator=g), torch.randn(*shape[:-1], 36, generator=g)
+        x.requires_grad_(True), w.requires_grad_(True)
+        y = fast.split_linear(x, w)
+        y.backward(dy)
+        x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+        y64 = torch.nn.functional.linear(x64, w64)
+        y64.backward(dy.double())
+        assert y.shape == y64.shape
+        for a, b in ((y, y64), (x.grad, x64.grad), (w.grad, w64.grad)):
+            assert close(a.double(), b, rel=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
 
 @pytest.mark.parametrize("B, nh, nkv, T, hd, pads, dtype, tol", [
     (1, 9, 3, 512, 64, None, torch.float32, 2e-5),          # the default model's shapes, plain causal
