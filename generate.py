@@ -227,7 +227,10 @@ def prefill_batch(model: Llama, prompts: list[list[int]], extra: int) -> tuple[K
     logits = []
     for b, p in enumerate(prompts):
         one, first = prefill(model, p)
-        cache.put_row(b, one, T - len(p))
+        start = T - len(p)                      # the slots before stay invalid: left padding
+        for dst, src in zip(cache.k + cache.v, one.k + one.v):
+            dst[b, :, start:T] = src[0]
+        cache.valid[b, start:T], cache.next_pos[b] = True, one.next_pos[0]
         logits.append(first)
     cache.length = T
     return cache, torch.stack(logits)

@@ -1,10 +1,9 @@
 """Llama-2 in plain PyTorch: the architecture, a KV cache, masks, the training loss, a strict loader.
 
-This file imports nothing from the project: copied alone, it is a working model that loads a HF
-Llama directory (config.json, safetensors). Generation and batched scoring are in generate.py;
-fast.py makes training faster on a CPU through two hooks (load's `prepare`,
-Attention.attend). Refused by name in a config: rope scaling, biases, activations other than
-SiLU, sliding windows.
+Imports nothing from the project: copied alone, it is a working model that loads a HF Llama
+directory (config.json, safetensors). Generation and scoring: generate.py. fast.py, the CPU speed
+layer, swaps modules through load's `prepare` hook. Refused by name in a config: rope scaling,
+biases, activations other than SiLU, sliding windows.
 
 Precision: RMSNorm statistics, RoPE, the logits and the loss are fp32 whatever the weight dtype.
 Positions and masks come from the data: every token carries a `valid` flag (False = padding);
@@ -53,49 +52,13 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """Build from a HF Llama config.json dict. What would change the math and is not
-        implemented here is refused by name, and so is a value that is missing, of the wrong
-        type or out of range (sizes drive allocation: a bad one must not become a huge request)."""
-        if not isinstance(cfg, dict):
-            raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
-        cfg = {"max_position_embeddings": 2048, **cfg}
-        if cfg.get("num_key_value_heads") is None:
-            cfg["num_key_value_heads"] = cfg.get("num_attention_heads")          # no GQA
-        sizes = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
-                 "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20}
-        for key, high in sizes.items():
-            v = cfg.get(key)
-            if v is None:
-                raise ValueError(f"config.json: {key} is missing")
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high:
-                raise ValueError(f"config.json: {key} must be an integer in [1, {high}], got {v!r}")
-        rope = cfg.get("rope_parameters") or {}
-        eps, theta = cfg.get("rms_norm_eps", 1e-6), rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        for key, v, low in (("rms_norm_eps", eps, 0), ("rope_theta", theta, 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
-                raise ValueError(f"config.json: {key} must be a finite number > {low}, got {v!r}")
-        if not isinstance(cfg.get("tie_word_embeddings", False), bool):
-            raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
-        for key in ("bos_token_id", "eos_token_id"):
-            ids = cfg.get(key)
-            if not all(i is None or (type(i) is int and 0 <= i < cfg["vocab_size"]) for i in (ids if isinstance(ids, list) else [ids])):
-                raise ValueError(f"config.json: {key} {ids!r} is not a token id below vocab_size {cfg['vocab_size']}")
-        refuse = {"model_type": lambda v: v != "llama", "attention_bias": bool, "mlp_bias": bool,
-                  "hidden_act": lambda v: v != "silu", "sliding_window": lambda v: v is not None,
-                  "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default"}
-        for name, bad in refuse.items():
-            if name in cfg and bad(cfg[name]):
-                raise ValueError(f"config.json: unsupported {name}={cfg[name]!r}")
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"config.json: unsupported rope_parameters.rope_type={rope['rope_type']!r}")
-        dim, n_heads, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-        if dim % n_heads or cfg.get("head_dim") not in (None, dim // n_heads) or n_heads % n_kv:
-            raise ValueError(f"config.json: unsupported head layout (hidden_size {dim} must be num_attention_heads "
-                             f"{n_heads} x head_dim {cfg.get('head_dim')}, a multiple of num_key_value_heads {n_kv})")
+        """Build from a HF Llama config.json dict, checked and completed by check_hf_config."""
+        cfg = check_hf_config(cfg)
         eos = cfg.get("eos_token_id")
-        return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
-                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=eps, rope_theta=float(theta),
-                   max_seq_len=cfg["max_position_embeddings"], tie_embeddings=cfg.get("tie_word_embeddings", False),
+        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg["num_key_value_heads"], hidden_dim=cfg["intermediate_size"],
+                   vocab_size=cfg["vocab_size"], norm_eps=cfg["rms_norm_eps"], rope_theta=float(cfg["rope_theta"]),
+                   max_seq_len=cfg["max_position_embeddings"], tie_embeddings=cfg["tie_word_embeddings"],
                    bos_id=cfg.get("bos_token_id"), eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
 
 
@@ -156,15 +119,6 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.slots = slots
-
-    def put_row(self, b: int, one: "KVCache", start: int):
-        """Copy the filled slots of a batch-1 cache `one` into row b at slots start.. (the
-        slots before stay invalid, as left padding)."""
-        n = one.length
-        for dst, src in zip(self.k + self.v, one.k + one.v):
-            dst[b, :, start:start + n] = src[0, :, :n]
-        self.valid[b, start:start + n] = one.valid[0, :n]
-        self.next_pos[b] = one.next_pos[0]
 
     def row(self, b: int) -> "KVCache":
         """A batch-1 view of row b (no copy): a read-only prefix for continuations of that row
@@ -283,10 +237,10 @@ class Llama(nn.Module):
         return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
 
     def head(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits in fp32 for hidden states h (..., D); optionally only for some vocab rows."""
-        if vocab_ids is not None:
-            return F.linear(h, self.head_weight[vocab_ids]).float()
-        return F.linear(h, self.head_weight).float()
+        """Logits in fp32 for hidden states h (..., D); optionally only for some vocab rows.
+        (fast.py's models replace this method with the same product split over threads.)"""
+        w = self.head_weight if vocab_ids is None else self.head_weight[vocab_ids]
+        return F.linear(h, w).float()
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, prefix: KVCache | None = None,
@@ -309,16 +263,10 @@ class Llama(nn.Module):
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         start, past_valid, base_pos = 0, None, torch.zeros(B, dtype=torch.long, device=idx.device)
         if cache is not None:
-            if cache.k[0].shape[0] != B:
-                raise ValueError(f"cache batch {cache.k[0].shape[0]} != input batch {B}")
-            if cache.length + T > cache.slots:
-                raise ValueError(f"cache full: {cache.length} + {T} > {cache.slots} slots")
             start, base_pos = cache.length, cache.next_pos
             cache.valid[:, start:start + T] = valid
             past_valid = cache.valid[:, :start]
         elif prefix is not None:
-            if prefix.k[0].shape[0] not in (1, B):
-                raise ValueError(f"prefix batch {prefix.k[0].shape[0]} must be 1 or {B}")
             base_pos = prefix.next_pos.expand(B)
             past_valid = prefix.valid[:, :prefix.length].expand(B, -1)
 
@@ -368,6 +316,12 @@ def check_forward_args(B: int, T: int, cache, prefix, at, pos, mask):
     """Llama.forward's rules on which arguments go together, and their shapes."""
     if cache is not None and prefix is not None:
         raise ValueError("pass either cache or prefix, not both")
+    if cache is not None and cache.k[0].shape[0] != B:
+        raise ValueError(f"cache batch {cache.k[0].shape[0]} != input batch {B}")
+    if cache is not None and cache.length + T > cache.slots:
+        raise ValueError(f"cache full: {cache.length} + {T} > {cache.slots} slots")
+    if prefix is not None and prefix.k[0].shape[0] not in (1, B):
+        raise ValueError(f"prefix batch {prefix.k[0].shape[0]} must be 1 or {B}")
     if at is not None and (cache is not None or prefix is not None):
         raise ValueError("`at` works without cache or prefix only")
     if at is not None and (at.dim() != 2 or at.shape[0] != B or (at.numel() and not 0 <= at.min() <= at.max() < T)):
@@ -387,11 +341,8 @@ def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torc
     attention with nothing before (SDPA's is_causal), or everything when T == 1 with no pads."""
     B, T = valid.shape
     P = 0 if past_valid is None else past_valid.shape[1]
-    if bool(valid.all()) and (past_valid is None or bool(past_valid.all())):
-        if P == 0:
-            return None                                  # plain causal
-        if T == 1:
-            return None                                  # one query sees every earlier slot
+    if bool(valid.all()) and (past_valid is None or bool(past_valid.all())) and (P == 0 or T == 1):
+        return None              # plain causal with nothing before, or one query that sees every slot
     keys_valid = valid if past_valid is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
     return rows_mask(keys_valid, torch.arange(P, P + T, device=valid.device).expand(B, T))
 
@@ -455,11 +406,53 @@ def read_safetensors(path: str, metadata: dict | None = None):
             yield name, buf.view(dtype).reshape(info["shape"])
 
 
+def check_hf_config(cfg: dict) -> dict:
+    """A HF Llama config.json dict with its defaults filled in. What would change the math and is
+    not implemented here is refused by name, and so is a value that is missing, of the wrong type
+    or out of range (sizes drive allocation: a bad one must not become a huge request)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
+    rope = cfg.get("rope_parameters") or {}
+    cfg = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, **cfg,
+           "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0))}
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg.get("num_attention_heads")          # no GQA
+    sizes = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+             "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20}
+    for key, high in sizes.items():
+        if cfg.get(key) is None:
+            raise ValueError(f"config.json: {key} is missing")
+        if type(cfg[key]) is not int or not 1 <= cfg[key] <= high:
+            raise ValueError(f"config.json: {key} must be an integer in [1, {high}], got {cfg[key]!r}")
+    for key, low in (("rms_norm_eps", 0), ("rope_theta", 1)):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
+            raise ValueError(f"config.json: {key} must be a finite number > {low}, got {v!r}")
+    if not isinstance(cfg["tie_word_embeddings"], bool):
+        raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = cfg.get(key) if isinstance(cfg.get(key), list) else [cfg.get(key)]
+        if not all(i is None or (type(i) is int and 0 <= i < cfg["vocab_size"]) for i in ids):
+            raise ValueError(f"config.json: {key} {cfg[key]!r} is not a token id below vocab_size {cfg['vocab_size']}")
+    refuse = {"model_type": lambda v: v != "llama", "attention_bias": bool, "mlp_bias": bool,
+              "hidden_act": lambda v: v != "silu", "sliding_window": lambda v: v is not None,
+              "rope_scaling": lambda v: v is not None and v.get("rope_type", v.get("type")) != "default",
+              "rope_parameters": lambda v: v is not None and v.get("rope_type", "default") != "default"}
+    for name, bad in refuse.items():
+        if name in cfg and bad(cfg[name]):
+            raise ValueError(f"config.json: unsupported {name}={cfg[name]!r}")
+    dim, n_heads, n_kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if dim % n_heads or cfg.get("head_dim") not in (None, dim // n_heads) or n_heads % n_kv:
+        raise ValueError(f"config.json: unsupported head layout (hidden_size {dim} must be num_attention_heads "
+                         f"{n_heads} x head_dim {cfg.get('head_dim')}, a multiple of num_key_value_heads {n_kv})")
+    return cfg
+
+
 def checkpoint_files(model_dir: str) -> list[str]:
+    """The safetensors files of model_dir: model.safetensors, or the shards its index names."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            meta = json.load(f)
+        meta = read_json(index)
         weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no weight_map")
@@ -476,15 +469,18 @@ def checkpoint_files(model_dir: str) -> list[str]:
 
 def read_config(model_dir: str) -> ModelArgs:
     """ModelArgs from model_dir/config.json (HF layout)."""
-    cfg_path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(cfg_path):
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
-    with open(cfg_path) as f:
+    return ModelArgs.from_hf_config(read_json(path))
+
+
+def read_json(path: str):
+    with open(path) as f:
         try:
-            cfg = json.load(f)
+            return json.load(f)
         except ValueError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    return ModelArgs.from_hf_config(cfg)
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Llama:
