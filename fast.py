@@ -5,20 +5,23 @@
 
 Nothing here changes what the model computes; tests/test_fast.py checks that the two paths give
 equal logits, losses, LoRA and full-model gradients, caches and greedy tokens. `prepare` runs on
-the model built on 'meta' (model.load's hook), before any weight has storage. The one trick, by the
-name `load(without=...)` and `bench.py --without` use (what it buys: docs/BENCHMARKS.md):
+the model built on 'meta' (model.load's hook), before any weight has storage. The two tricks, by
+the names `load(without=...)` and `bench.py --without` use (what each buys: docs/BENCHMARKS.md):
 
   attention      CausalAttention: attention forward and backward by hand in blocks of query
                  rows, for training on CPU. Torch's CPU flash kernels run at about a third of
                  GEMM speed, and a block skips the key blocks it cannot see (packed layouts).
-                 bench.py --only lora: a LoRA step on 512 tokens 4 to 6% faster.
+                 bench.py --only lora: a LoRA step on 512 tokens 4 to 10% faster.
+  gemv           SplitLinear and split_head: a product of at most 64 rows (decoding, the loss's
+                 few positions) as one bmm over the threads' slices of the weight. MKL runs it on
+                 one thread, which streams the weights at about half the speed of two on the
+                 project's 2-core EPYC: decoding 1.5 times faster; prefill and the LoRA step,
+                 whose products have hundreds of rows, unchanged.
 
-Four earlier tricks were taken out when bench.py found them buying nothing above the noise on
-this project's machine (docs/BENCHMARKS.md): column-major weights, fused q/k/v and gate/up
-GEMMs and a thread-sliced output head were slower than the plain layout, and glibc malloc
-tuning bought 0.5% of a LoRA step while it raised the peak memory of loading by half. In
-bfloat16, or on another device, fast.load is model.load: the training attention is for fp32 on
-CPU.
+Taken out when bench.py found them buying nothing above the noise (docs/BENCHMARKS.md):
+column-major weights and fused q/k/v and gate/up GEMMs (the gemv split gives decoding what they
+gave, without a second layout), and glibc malloc tuning (0.5% of a LoRA step, half again the
+peak memory of loading). In bfloat16, or on another device, fast.load is model.load.
 """
 import functools
 import math
