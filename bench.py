@@ -330,6 +330,60 @@ def bench_load_memory(model_dir, runs):
                       "note": "the peer maps the safetensors file lazily; its weights are paged in on first use"}), flush=True)
 
 
+# ----------------------------------------------------------------------------- benches
+
+def bench_inference(which, model_dir, runs, alt_spec):
+    """prefill_512 and decode_128 (ours, the peer, the extra column), decode_pos2000_vs_100."""
+    alt_side, alt_extra, alt_name = alt_spec
+    ours = Worker("ours", model_dir)
+    if which & {"prefill", "decode"}:
+        peer, alt = Worker("peer", model_dir), Worker(alt_side, model_dir, extra=alt_extra)
+        if "prefill" in which:
+            compare("prefill_512", ours, peer, "prefill", "prefill", runs, alt, alt_name)
+        if "decode" in which:
+            compare("decode_128", ours, peer, "decode", "decode", runs, alt, alt_name)
+        peer.close(), alt.close()
+    if "long" in which:
+        compare("decode_pos2000_vs_100", ours, ours, "pos2000", "pos100", runs,
+                note="ours = 32 steps at position 2000, peer = ours at position 100")
+    ours.close()
+
+
+def bench_lora(model_dir, runs, alt_spec):
+    """lora_step_512 (ours, the peer, the extra column), its peak memory and its kernel seconds."""
+    alt_side, alt_extra, alt_name = alt_spec
+    ours, peer = Worker("ours-lora", model_dir), Worker("peer-lora", model_dir)
+    alt = Worker(alt_side + "-lora", model_dir, extra=alt_extra)
+    peer_t = compare("lora_step_512", ours, peer, "step", "step", runs, alt, alt_name,
+                     note="same_output compares the first step's loss (3 decimals)")
+    alt.close()
+    ko, kp = ours("kernels")["out"], peer("kernels")["out"]
+    floor = ko["gemm"] + ko["attention"]
+    print(json.dumps({"bench": "lora_step_512_kernels", "ours": ko, "peer": kp, "unit": "s",
+                      "ratio_ceiling": round(peer_t / floor, 3),
+                      "note": "one profiled step each; ratio_ceiling = the peer's median step / the seconds our "
+                              "step spends in GEMM and attention kernels: the ratio no stack reaches without "
+                              "doing fewer or faster products than ours"}), flush=True)
+    ours.close(), peer.close()
+
+
+def bench_bf16(model_dir, runs):
+    bf16, fp32 = Worker("ours", model_dir, "bfloat16"), Worker("ours", model_dir)
+    compare("decode_128_bf16", bf16, fp32, "decode", "decode", runs, note="ours bf16 vs ours fp32 (peer)")
+    bf16.close(), fp32.close()
+
+
+def bench_packed(model_dir, runs, pack):
+    extra = ("--pack", str(pack))
+    packed, single = Worker("packed", model_dir, extra=extra), Worker("single", model_dir, extra=extra)
+    tokens = [packed("step")["tokens"], single("step")["tokens"]]
+    compare("recicl_packed_step", packed, single, "step", "step", runs, tokens_packed=tokens[0],
+            tokens_single=tokens[1], note=f"ours = {pack} samples as one packed sequence, peer = the same samples "
+            "as one prompt each (--layout blocks --pack 0); ratio = samples per hour packed / one prompt each; "
+            "same_output compares the first step's mean loss (4 decimals)")
+    packed.close(), single.close()
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -341,7 +395,7 @@ def main(argv=None):
                     help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--pack", type=int, default=32, help="--only packed: samples per pack (recicl.py's --pack)")
-    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention): "
+    ap.add_argument("--without", default="", help="a comma-separated list of fast.py tricks (attention, gemv): "
                     "the extra column is then ours without them instead of the plain model")
     ap.add_argument("--worker-without", default="", help=argparse.SUPPRESS)
     ap.add_argument("--plain-code", default=None, help="a checkout of an earlier commit: the plain column then runs "
@@ -366,48 +420,17 @@ def main(argv=None):
         alt_side, alt_extra, alt_name = "plain", [], "plain"
         if a.plain_code:
             alt_extra, alt_name = ["--plain-code", a.plain_code], "earlier"
+    alt = (alt_side, alt_extra, alt_name)
     if which & {"prefill", "decode", "long"}:
-        ours = Worker("ours", model_dir)
-        if which & {"prefill", "decode"}:
-            peer, alt = Worker("peer", model_dir), Worker(alt_side, model_dir, extra=alt_extra)
-            if "prefill" in which:
-                compare("prefill_512", ours, peer, "prefill", "prefill", a.runs, alt, alt_name)
-            if "decode" in which:
-                compare("decode_128", ours, peer, "decode", "decode", a.runs, alt, alt_name)
-            peer.close(), alt.close()
-        if "long" in which:
-            compare("decode_pos2000_vs_100", ours, ours, "pos2000", "pos100", a.runs,
-                    note="ours = 32 steps at position 2000, peer = ours at position 100")
-        ours.close()
+        bench_inference(which, model_dir, a.runs, alt)
     if "memory" in which:
         bench_load_memory(model_dir, a.runs)
     if "bf16" in which:
-        bf16, fp32 = Worker("ours", model_dir, "bfloat16"), Worker("ours", model_dir)
-        compare("decode_128_bf16", bf16, fp32, "decode", "decode", a.runs, note="ours bf16 vs ours fp32 (peer)")
-        bf16.close(), fp32.close()
+        bench_bf16(model_dir, a.runs)
     if "lora" in which:
-        ours, peer = Worker("ours-lora", model_dir), Worker("peer-lora", model_dir)
-        alt = Worker(alt_side + "-lora", model_dir, extra=alt_extra)
-        peer_t = compare("lora_step_512", ours, peer, "step", "step", a.runs, alt, alt_name,
-                         note="same_output compares the first step's loss (3 decimals)")
-        alt.close()
-        ko, kp = ours("kernels")["out"], peer("kernels")["out"]
-        floor = ko["gemm"] + ko["attention"]
-        print(json.dumps({"bench": "lora_step_512_kernels", "ours": ko, "peer": kp, "unit": "s",
-                          "ratio_ceiling": round(peer_t / floor, 3),
-                          "note": "one profiled step each; ratio_ceiling = the peer's median step / the seconds our "
-                                  "step spends in GEMM and attention kernels: the ratio no stack reaches without "
-                                  "doing fewer or faster products than ours"}), flush=True)
-        ours.close(), peer.close()
+        bench_lora(model_dir, a.runs, alt)
     if "packed" in which:
-        extra = ("--pack", str(a.pack))
-        packed, single = Worker("packed", model_dir, extra=extra), Worker("single", model_dir, extra=extra)
-        tokens = [packed("step")["tokens"], single("step")["tokens"]]
-        compare("recicl_packed_step", packed, single, "step", "step", a.runs, tokens_packed=tokens[0],
-                tokens_single=tokens[1], note=f"ours = {a.pack} samples as one packed sequence, peer = the same samples "
-                "as one prompt each (--layout blocks --pack 0); ratio = samples per hour packed / one prompt each; "
-                "same_output compares the first step's mean loss (4 decimals)")
-        packed.close(), single.close()
+        bench_packed(model_dir, a.runs, a.pack)
 
 
 if __name__ == "__main__":

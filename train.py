@@ -494,6 +494,35 @@ def optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world
     return loss_sum, tokens
 
 
+def validate_and_save(model, validate, best, step, out_dir, base_model, rank, log):
+    """Run `validate` (in eval mode, no gradients); save best/ when the metric beats `best`; log
+    it. Returns the best metric so far. A metric that is not finite is never best."""
+    model.eval()
+    with torch.no_grad():
+        metric = float(validate(model))
+    model.train()
+    improved = math.isfinite(metric) and (best is None or metric > best)
+    if improved:
+        best = metric
+        if rank == 0:
+            save_best(model, out_dir, base_model, {"step": step, "metric": metric})
+    if rank == 0:
+        print(f"[train] step {step} validation {metric:.4f}{' (best, saved)' if improved else ''}"
+              f"{' (not finite: never best)' if not math.isfinite(metric) else ''}", file=sys.stderr)
+        log.write(json.dumps({"step": step, "validation": metric}) + "\n")
+        log.flush()
+    return best
+
+
+def log_step(log, step, steps, start, loss, lr, tokens, elapsed):
+    """One progress line on stderr (loss, rate, elapsed, eta) and one record in log.jsonl."""
+    eta = elapsed / (step - start) * (steps - step)
+    print(f"[train] step {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / max(elapsed, 1e-9):.0f} tok/s | "
+          f"elapsed {fmt_time(elapsed)} | eta {fmt_time(eta)}", file=sys.stderr)
+    log.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+    log.flush()
+
+
 def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params, opt, sched,
            settings) -> dict:
     start, best, pending = start_run(model, cfg, resume, run_config, rank, world, opt, sched, settings)
@@ -503,23 +532,10 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
     in_validation = False
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
 
-    def run_validation():
+    def run_validation():                          # `in_validation`: for the interrupt handler below
         nonlocal best, in_validation
         in_validation = True
-        model.eval()
-        with torch.no_grad():
-            metric = float(validate(model))
-        model.train()
-        improved = math.isfinite(metric) and (best is None or metric > best)
-        if improved:
-            best = metric
-            if rank == 0:
-                save_best(model, cfg.out_dir, base_model, {"step": step, "metric": metric})
-        if rank == 0:
-            print(f"[train] step {step} validation {metric:.4f}{' (best, saved)' if improved else ''}"
-                  f"{' (not finite: never best)' if not math.isfinite(metric) else ''}", file=sys.stderr)
-            log.write(json.dumps({"step": step, "validation": metric}) + "\n")
-            log.flush()
+        best = validate_and_save(model, validate, best, step, cfg.out_dir, base_model, rank, log)
         in_validation = False
 
     model.train()
@@ -537,12 +553,7 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
             step += 1
             rng_end = rng_state()          # what an interrupted run must resume from
             if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                el = time.time() - t0
-                eta = el / (step - start) * (cfg.steps - step)
-                print(f"[train] step {step}/{cfg.steps} | loss {loss_sum:.4f} | lr {sched.get_last_lr()[0]:.2e} | "
-                      f"{tokens / max(el, 1e-9):.0f} tok/s | elapsed {fmt_time(el)} | eta {fmt_time(eta)}", file=sys.stderr)
-                log.write(json.dumps({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0]}) + "\n")
-                log.flush()
+                log_step(log, step, cfg.steps, start, loss_sum, sched.get_last_lr()[0], tokens, time.time() - t0)
             if validate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_validation()
             if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
