@@ -567,6 +567,22 @@ def paired_to_best(rows: dict, llm: dict, controls: dict) -> tuple[str, dict]:
     return best, out
 
 
+def stacked_scores(rows: dict, control: dict, llm: dict) -> dict:
+    """{period: scores} of a logistic regression on (the control's score, the LLM's score), fitted
+    on the other test periods' rows and applied to this period's (leave one period out). An
+    analysis, not a method: it fits on later periods' answers. Its AUC above the control's alone
+    means that the LLM's score carries something that the control's features do not."""
+    import baselines
+    out = {}
+    for p in rows:
+        fit = [q for q in rows if q != p]
+        x = np.concatenate([np.c_[control[q], llm[q]] for q in fit])
+        y = np.concatenate([[s.label for s in rows[q]] for q in fit]).astype(np.float64)
+        w = baselines.fit_logreg(x, y)
+        out[p] = np.c_[control[p], llm[p]] @ w[:-1] + w[-1]
+    return out
+
+
 def cmd_eval(a):
     t0 = time.time()
     d, samples, model, tok, ans, _ = setup(a, log_fn)
@@ -604,13 +620,17 @@ def cmd_eval(a):
     controls = control_scores(d, samples, rows, prompters[a.k_demos], a.k_demos, a.threshold, a.periods,
                               a.train_periods, a.seed, log_fn)
     best, diffs = paired_to_best(rows, {k: v for k, v in llm.items() if k != UPDATED}, controls)
+    stacked = {f"{best} + {name}'s score": stacked_scores(rows, controls[best], sc)
+               for name, sc in llm.items() if name != UPDATED and len(rows) > 1}
+    diffs.update(paired_to_best(rows, stacked, {best: controls[best]})[1])
     if UPDATED in llm:        # what updating buys a classical model, beside PDM (never the frozen rows' control)
         controls[MF_UPDATED] = updated_mf(d, rows, a.threshold, a.periods, a.seed)
     results = []
-    for name, sc in list(llm.items()) + list(controls.items()):
+    for name, sc in list(llm.items()) + list(stacked.items()) + list(controls.items()):
+        kind = "llm" if name in llm else "analysis" if name in stacked else "control"
         for p, rs in rows.items():
             if p in sc:
-                results.append({"method": name, "kind": "llm" if name in llm else "control", "period": f"D{p}",
+                results.append({"method": name, "kind": kind, "period": f"D{p}",
                                 **period_metrics(rs, sc[p], shown.get(name, {}).get(p), a.k_demos)})
     report(results, diffs, best, a, time.time() - t0)
 
@@ -676,6 +696,9 @@ def report(results, diffs, best, a, elapsed):
     print("AUC per period and mean; UAUC: mean over periods of the mean per-user AUC, over the users ('users', per "
           "period) whose rows hold both classes; demos: mean demonstrations shown per prompt / the user's earlier samples "
           "available (at most K).")
+    if any(r["kind"] == "analysis" for r in results):
+        print(f"'{best} + X's score': a logistic regression on both scores, fitted on the other test periods' rows "
+              f"(an analysis, not a method); above {best} alone, X's score carries something the control does not.")
     if any(r["method"] == UPDATED for r in results):
         gains = [next(r["auc"] for r in results if r["method"] == UPDATED and r["period"] == p) -
                  next(r["auc"] for r in results if r["method"] == "RecICL" and r["period"] == p)

@@ -54,7 +54,9 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     methods = {r["method"] for r in res["rows"]}
     llm = {name for name, _, _ in recicl.LLM_METHODS.values()} | {recicl.UPDATED}
     controls = {"DemoLikeRate", "UserLikeRate", "ItemLikeRate (t)", "LogReg", "MF", "Pop", "ItemLikeRate"}
-    assert llm | controls | {recicl.MF_UPDATED} == methods
+    stacked = {f"{res['best_control']} + {name}'s score" for name in llm - {recicl.UPDATED}}
+    assert llm | controls | stacked | {recicl.MF_UPDATED} == methods
+    assert {r["method"] for r in res["rows"] if r["kind"] == "analysis"} == stacked
     auc_rows = [r for r in res["rows"] if r["method"] != recicl.UPDATED]
     assert {r["period"] for r in auc_rows} == {"D5", "D6", "D7", "D8", "D9"}
     assert all(r["n"] == 12 and r["users"] >= 3 and (np.isnan(r["auc"]) or 0 <= r["auc"] <= 1) for r in auc_rows)
@@ -74,6 +76,28 @@ def test_train_eval_recommend_feedback_end_to_end(setup_dirs, capsys):
     after = capsys.readouterr().out
     assert "(0 new)" in before and "(2 new)" in after
     assert len([l for l in after.splitlines() if ". " in l and "item" in l]) == 6
+
+
+def test_stacked_scores_find_what_the_llm_adds_and_nothing_else():
+    """Leave-one-period-out stacking on synthetic rows: an LLM score that holds part of the label
+    the control does not lifts the AUC above the control's; pure noise does not, and a period's
+    scores never come from a fit on its own rows (the stacked scores of a period do not move when
+    its own labels are flipped)."""
+    from types import SimpleNamespace
+    import eval as metrics
+    rng = np.random.default_rng(0)
+    rows, control, useful, noise = {}, {}, {}, {}
+    for p in range(5, 10):
+        y = rng.integers(0, 2, 300)
+        a, b = rng.normal(size=300), rng.normal(size=300)
+        rows[p] = [SimpleNamespace(label=int(v), user=k % 40) for k, v in enumerate(y)]
+        control[p], useful[p], noise[p] = y + 2 * a, y + 2 * b, rng.normal(size=300)
+    auc = lambda sc: np.mean([metrics.auc([s.label for s in rows[p]], sc[p]) for p in rows])
+    with_useful, with_noise = recicl.stacked_scores(rows, control, useful), recicl.stacked_scores(rows, control, noise)
+    assert auc(with_useful) > auc(control) + 0.05
+    assert abs(auc(with_noise) - auc(control)) < 0.01
+    flipped = {p: ([SimpleNamespace(label=1 - s.label, user=s.user) for s in rs] if p == 7 else rs) for p, rs in rows.items()}
+    assert np.allclose(recicl.stacked_scores(flipped, control, useful)[7], with_useful[7])
 
 
 def tiny_prompter(model_dir, ds, k=4, prompt_budget=400, demo_history=3):
