@@ -173,9 +173,9 @@ class BlockPrompter:
     """Sequences of the blocks layout. One rendering per sample: the block of `block` with
     `demo_history` liked titles, split into BODY (up to the cue) and TAIL (cue and answer)."""
 
-    def __init__(self, d: data.Data, samples: list, tok: Tokenizer, k_demos: int, demo_history: int, max_len: int):
+    def __init__(self, d: data.Data, samples: list, tok: Tokenizer, k_demos: int, demo_history: int, max_seq_len: int):
         self.d, self.samples, self.tok = d, samples, tok
-        self.k, self.demo_history, self.max_len = k_demos, demo_history, max_len
+        self.k, self.demo_history, self.max_seq_len = k_demos, demo_history, max_seq_len
         self.cue = tok.encode(CUE, bos=False)
         self._parts = {}                 # sample index -> (body ids, tail ids)
 
@@ -228,8 +228,9 @@ class BlockPrompter:
             owner += [owners[s.idx]] * len(self.cue)
             kind += [READ] * len(self.cue)
             read_at.append(len(ids) - 1)
-        if len(ids) > self.max_len:
-            raise ValueError(f"a blocks-layout sequence of {len(ids)} tokens exceeds {self.max_len} (fewer samples per pack?)")
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"a blocks-layout sequence of {len(ids)} tokens exceeds the model's max_seq_len "
+                             f"{self.max_seq_len} (fewer samples per pack?)")
         sees = torch.zeros(len(owners), len(owners), dtype=torch.bool)
         for s in readers:
             for x in demos[s.idx]:
