@@ -674,7 +674,8 @@ def updated_models(rows, prompter, ans, update_dir: str, tune_through, load_tune
 
 def report(results, diffs, best, a, elapsed):
     periods = [f"D{p}" for p in range(a.train_periods, a.periods)]
-    print(f"{'method':<26}" + "".join(f"{p:>7}" for p in periods) + f"{'AUC':>7}{'UAUC':>7}{'users':>6}{'demos':>10}"
+    width = max([26] + [len(r["method"]) + 1 for r in results])
+    print(f"{'method':<{width}}" + "".join(f"{p:>7}" for p in periods) + f"{'AUC':>7}{'UAUC':>7}{'users':>6}{'demos':>10}"
           f"   AUC - {best} (best control), 95% CI")
     summary = []
     for name in dict.fromkeys(r["method"] for r in results):
@@ -690,7 +691,7 @@ def report(results, diffs, best, a, elapsed):
             row["vs_best_control"] = diffs[name]
         summary.append(row)
         d = diffs.get(name)
-        print(f"{name:<26}" + "".join(f"{x:>7.3f}" for x in aucs) + f"{row['mean_auc']:>7.3f}{row['mean_uauc']:>7.3f}"
+        print(f"{name:<{width}}" + "".join(f"{x:>7.3f}" for x in aucs) + f"{row['mean_auc']:>7.3f}{row['mean_uauc']:>7.3f}"
               f"{row['mean_uauc_users']:>6.1f}"
               + (f"{row['mean_demos_shown']:>5.2f}/{row['mean_demos_available']:<4.2f}" if "mean_demos_shown" in row else " " * 10)
               + (f"   {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else ""))
