@@ -60,7 +60,8 @@ def prepare(model: llama.Llama, without=()):
             if "gemv" not in without:
                 for parent in (block.self_attn, block.mlp):
                     for name, child in list(parent.named_children()):
-                        setattr(parent, name, SplitLinear(child.in_features, child.out_features, bias=False))
+                        if type(child) is nn.Linear:
+                            setattr(parent, name, SplitLinear(child.in_features, child.out_features, bias=False))
     if "gemv" not in without:
         model.head = functools.partial(split_head, model)      # shadows Llama.head on this model only
 

@@ -2,8 +2,8 @@
 
 Imports nothing from the project: copied alone, it is a working model that loads a HF Llama
 directory (config.json, safetensors). Generation and scoring: generate.py. fast.py, the CPU speed
-layer, swaps modules through load's `prepare` hook. Refused by name in a config: rope scaling,
-biases, activations other than SiLU, sliding windows.
+layer, swaps modules through load's `prepare` hook (its attention overrides Attention.attend).
+Refused by name in a config: rope scaling, biases, activations other than SiLU, sliding windows.
 
 Precision: RMSNorm statistics, RoPE, the logits and the loss are fp32 whatever the weight dtype.
 Positions and masks come from the data: every token carries a `valid` flag (False = padding);
