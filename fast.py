@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as llama
-from model import Attention, sdpa
+from model import Attention
 
 
 TRICKS = ("attention", "gemv")
@@ -107,7 +107,7 @@ class FastAttention(Attention):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if own_slots and needs_grad and q.device.type == "cpu" and q.shape[2] > 1:
             return CausalAttention.apply(q, k, v, mask)
-        return sdpa(q, k, v, mask)
+        return super().attend(q, k, v, mask, own_slots)
 
 
 # ----------------------------------------------------------------------------- training attention

@@ -1,22 +1,18 @@
 """Llama-2 in plain PyTorch: the architecture, a KV cache, masks, the training loss, a strict loader.
 
-Imports nothing from the project: copied alone, it is a working model that loads a HF Llama
-directory (config.json, safetensors). Generation and scoring: generate.py. fast.py, the CPU speed
-layer, swaps modules through load's `prepare` hook (its attention overrides Attention.attend).
-Refused by name in a config: rope scaling, biases, activations other than SiLU, sliding windows.
+Imports nothing from the project: copied alone, it loads and runs a HF Llama directory (config.json,
+safetensors). Generation and scoring: generate.py. fast.py, the CPU speed layer, swaps modules
+through load's `prepare` hook (its attention overrides Attention.attend).
 
-Precision: RMSNorm statistics, RoPE, the logits and the loss are fp32 whatever the weight dtype.
-Positions and masks come from the data: every token carries a `valid` flag (False = padding);
-its RoPE position is the number of valid tokens before it in its row (prefix and cache
-included); a query sees a key iff the key's slot is not after its own and the key is valid. A
-padded query always sees itself, so no softmax row is empty; nobody reads its output.
+RMSNorm statistics, RoPE, the logits and the loss are fp32 whatever the weight dtype. Every token
+carries a `valid` flag (False = padding); its RoPE position is the number of valid tokens before
+it in its row (prefix and cache included); a query sees a key iff the key's slot is not after its
+own and the key is valid. A padded query always sees itself, so no softmax row is empty.
 
 References: Touvron et al. 2023, "Llama 2" (arXiv 2307.09288); Su et al. 2021, RoFormer
 (arXiv 2104.09864); Zhang & Sennrich 2019, RMSNorm; Shazeer 2020, SwiGLU (arXiv 2002.05202);
 Ainslie et al. 2023, GQA (arXiv 2305.13245). HF Llama layout: q/k rotate halves (rotate_half).
 """
-from __future__ import annotations
-
 import copy
 import json
 import math
@@ -50,24 +46,8 @@ class ModelArgs:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """Build from a HF Llama config.json dict, checked and completed by check_hf_config."""
-        cfg = check_hf_config(cfg)
-        eos = cfg.get("eos_token_id")
-        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                   n_kv_heads=cfg["num_key_value_heads"], hidden_dim=cfg["intermediate_size"],
-                   vocab_size=cfg["vocab_size"], norm_eps=cfg["rms_norm_eps"], rope_theta=float(cfg["rope_theta"]),
-                   max_seq_len=cfg["max_position_embeddings"], tie_embeddings=cfg["tie_word_embeddings"],
-                   bos_id=cfg.get("bos_token_id"), eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
-
 
 # ----------------------------------------------------------------------------- math
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32, result in x's dtype."""
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
-
 
 def rope_tables(head_dim: int, n_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (n_positions, head_dim) in fp32, HF 'rotate_half' layout:
@@ -78,36 +58,20 @@ def rope_tables(head_dim: int, n_positions: int, theta: float) -> tuple[torch.Te
     return angles.cos().float(), angles.sin().float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, h, hd); cos, sin: (B, T, 1, hd) fp32. Rotates each pair of dims (j, j + hd/2)
     by its angle: x * cos + rotate_half(x) * sin, in fp32, result in x's dtype."""
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
-
-
-def sdpa(q, k, v, mask) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v by torch's scaled_dot_product_attention.
-    q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: (B, 1, T, S) bool, or None for plain causal
-    (or one query that sees everything). GQA: query head h reads KV head h // (nh / nkv), the
-    same as repeating each KV head in place, without copying the cache every step."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)          # rotate_half(x) = (-x2, x1)
 
 
 # ----------------------------------------------------------------------------- cache
 
 class KVCache:
-    """Preallocated keys/values for every layer, written at explicit slots.
-
-    k[i], v[i]: (B, n_kv, T_max, hd). valid: (B, T_max) which slots hold real tokens.
-    next_pos: (B,) RoPE position of each row's next real token. length: slots used.
-    A cache of batch 1 can also serve as a read-only shared prefix for a batch of
-    continuations (see Llama.forward's `prefix`)."""
+    """Preallocated keys/values for every layer: k[i], v[i] (B, n_kv, slots, hd); valid (B, slots):
+    which slots hold real tokens; next_pos (B,): RoPE position of each row's next real token; length:
+    slots used. Also serves as a read-only shared prefix (Llama.forward's `prefix`)."""
 
     def __init__(self, args: ModelArgs, batch: int, slots: int, dtype=torch.float32, device="cpu"):
         if slots > args.max_seq_len:
@@ -121,8 +85,7 @@ class KVCache:
         self.slots = slots
 
     def row(self, b: int) -> "KVCache":
-        """A batch-1 view of row b (no copy): a read-only prefix for continuations of that row
-        only, e.g. after a left-padded batch prefill (its pad slots stay invalid)."""
+        """A batch-1 view of row b (no copy), e.g. a prefix after a left-padded batch prefill."""
         view = copy.copy(self)
         view.k, view.v = [k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v]
         view.valid, view.next_pos = self.valid[b:b + 1], self.next_pos[b:b + 1]
@@ -137,8 +100,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x):  # x / sqrt(mean(x^2) + eps) * weight, in fp32
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -178,9 +141,12 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.hd))
 
     def attend(self, q, k, v, mask, own_slots: bool):
-        """softmax(q k^T / sqrt(hd) + mask) v. own_slots: the keys sit at the queries' own slots
-        (no cache, prefix or `at`); SDPA does not need to know, fast.py's training kernel does."""
-        return sdpa(q, k, v, mask)
+        """softmax(q k^T / sqrt(hd) + mask) v. q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: (B, 1, T, S)
+        bool, or None for plain causal (or one query that sees everything). GQA: query head h reads KV
+        head h // (nh / nkv), without copying the cache. own_slots: the keys sit at the queries' own
+        slots (no cache, prefix or `at`); SDPA does not need to know, fast.py's training kernel does."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class MLP(nn.Module):
@@ -210,21 +176,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Body(nn.Module):
-    """Holds what HF calls `model.*`: embeddings, blocks, final norm."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-
-
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = Body(args)
+        self.model = nn.ModuleDict(dict(                                          # HF's `model.*` names
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args) for _ in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
         if not args.tie_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
@@ -237,8 +196,7 @@ class Llama(nn.Module):
         return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
 
     def head(self, h: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits in fp32 for hidden states h (..., D); optionally only for some vocab rows.
-        (fast.py's models replace this method with the same product split over threads.)"""
+        """fp32 logits of hidden states h (..., D), optionally only for some vocab rows (fast.py splits it)."""
         w = self.head_weight if vocab_ids is None else self.head_weight[vocab_ids]
         return F.linear(h, w).float()
 
@@ -246,17 +204,13 @@ class Llama(nn.Module):
                 cache: KVCache | None = None, prefix: KVCache | None = None,
                 at: torch.Tensor | None = None, pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids. valid: (B, T) bool, False on padding (default all True).
-        cache: read-write cache; this chunk is stored at slots cache.length.. and attends to
-        everything stored before it. prefix: a read-only cache (batch 1 or B) that every row
-        attends to first; nothing is written to it. Returns final-normed hidden states (B, T, D).
-        at: (B, n) slots of idx; only their hidden states are returned, (B, n, D), and the last
-        layer computes only those rows (its keys and values still come from every slot). A loss
-        on a few positions or the scores after a prompt need no more; it saves ~1/n_layers.
-        pos, mask: a layout of the caller's own instead of one causal sequence per row (no
-        cache or prefix): pos (B, T) RoPE positions, mask (B, 1, T, T) bool, query t sees key s;
-        it must lie within the causal triangle and let every token see itself. `valid` is then
-        not used: pads are the mask's to hide."""
+        """Final-normed hidden states (B, T, D) of idx (B, T); valid (B, T): False on padding.
+        cache: this chunk is stored at slots cache.length.. and attends to all stored before it.
+        prefix: a read-only cache (batch 1 or B) that every row attends to first.
+        at: (B, n) slots; only their states are returned, (B, n, D), and the last layer computes only
+        those rows (keys and values still from every slot): a loss or a score needs no more.
+        pos (B, T), mask (B, 1, T, T): the caller's own layout (no cache or prefix; `valid` unused):
+        RoPE positions and "query t sees key s", within the causal triangle, every token seeing itself."""
         B, T = idx.shape
         check_forward_args(B, T, cache, prefix, at, pos, mask)
         if valid is None:
@@ -275,18 +229,16 @@ class Llama(nn.Module):
         if int(pos.max()) >= self.args.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, hd)
-        own_mask = mask
-        if mask is None:
-            mask = attention_mask(valid, past_valid)
+        full = attention_mask(valid, past_valid) if mask is None else mask       # the caller's own, or the rule's
 
         x = self.model.embed_tokens(idx)
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             kv_write = (cache.k[i], cache.v[i], start) if cache is not None else None
             kv_prefix = None if prefix is None else (prefix.k[i][:, :, :prefix.length], prefix.v[i][:, :, :prefix.length])
-            args = (x, cos, sin, mask, kv_write, kv_prefix)
+            args = (x, cos, sin, full, kv_write, kv_prefix)
             if i == last and at is not None:
-                rows = rows_mask(valid, at) if own_mask is None else own_mask.take_along_dim(at[:, None, :, None], dim=2)
+                rows = rows_mask(valid, at) if mask is None else mask.take_along_dim(at[:, None, :, None], dim=2)
                 args = (x, cos, sin, rows, None, None, at)
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
@@ -298,9 +250,8 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def loss(self, idx, targets, supervised, valid=None) -> torch.Tensor:
-        """Causal LM loss: mean cross-entropy over positions where `supervised` (B, T) is True,
-        predicting targets[b, t] from idx[b, :t+1]. The last layer and the output head run only
-        at those positions."""
+        """Mean cross-entropy of targets[b, t] given idx[b, :t+1] where `supervised` (B, T) is True;
+        the last layer and the head run only at those positions."""
         count = supervised.sum(1)                                                        # (B,)
         n = int(count.max())
         if n == 0:
@@ -334,11 +285,8 @@ def check_forward_args(B: int, T: int, cache, prefix, at, pos, mask):
 
 
 def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean (B, 1, T, P+T) mask for T new queries after P earlier slots.
-
-    Query t sits at slot P+t. It may see slot s iff s <= P+t and slot s is valid, and it always
-    sees itself (so padded rows are never empty). Returns None when that is plain causal
-    attention with nothing before (SDPA's is_causal), or everything when T == 1 with no pads."""
+    """Boolean (B, 1, T, P+T) mask for T new queries after P earlier slots: rows_mask at slots P..P+T-1.
+    None when that is plain causal with nothing before (SDPA's is_causal) or T == 1 with no pads."""
     B, T = valid.shape
     P = 0 if past_valid is None else past_valid.shape[1]
     if bool(valid.all()) and (past_valid is None or bool(past_valid.all())) and (P == 0 or T == 1):
@@ -348,9 +296,8 @@ def attention_mask(valid: torch.Tensor, past_valid: torch.Tensor | None) -> torc
 
 
 def rows_mask(valid: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, 1, n, T) mask for queries at slots `at` (B, n) over keys at slots 0..T-1
-    whose validity is `valid` (B, T): slot s is seen iff s <= the query's slot and s is valid,
-    and every query sees itself. The one mask rule; attention_mask is its consecutive case."""
+    """The one mask rule, (B, 1, n, T) bool: the query at slot at[b, i] sees key slot s iff s <= its
+    slot and valid[b, s] (B, T), and it always sees itself (so a padded query's row is never empty)."""
     s = torch.arange(valid.shape[1], device=valid.device)[None, None, :]        # (1, 1, T)
     mask = ((s <= at[:, :, None]) & valid[:, None, :]) | (s == at[:, :, None])  # (B, n, T)
     return mask[:, None]
@@ -363,12 +310,9 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 def read_safetensors(path: str, metadata: dict | None = None):
-    """Yields (name, tensor) from a .safetensors file, one tensor in memory at a time; the
-    project's one reader (files are written with the safetensors library). `metadata`, if
-    given, receives the file's __metadata__. Format: u64 little-endian header length N, N bytes
-    of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the data
-    (https://github.com/huggingface/safetensors). Plain file reads, no mmap: peak memory stays
-    near the model's size."""
+    """Yields (name, tensor) from a .safetensors file, one tensor in memory at a time (no mmap);
+    `metadata`, if given, receives its __metadata__. Format (github.com/huggingface/safetensors):
+    u64 little-endian N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, data."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -406,17 +350,17 @@ def read_safetensors(path: str, metadata: dict | None = None):
             yield name, buf.view(dtype).reshape(info["shape"])
 
 
-def check_hf_config(cfg: dict) -> dict:
-    """A HF Llama config.json dict with its defaults filled in. What would change the math and is
-    not implemented here is refused by name, and so is a value that is missing, of the wrong type
-    or out of range (sizes drive allocation: a bad one must not become a huge request)."""
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    """ModelArgs from a HF Llama config.json dict, its defaults filled in. What would change the
+    math and is not implemented here is refused by name, and so is a value that is missing, of the
+    wrong type or out of range (sizes drive allocation: a bad one must not become a huge request)."""
     if not isinstance(cfg, dict):
         raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
     rope = cfg.get("rope_parameters") or {}
-    cfg = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, **cfg,
+    cfg = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+           "num_key_value_heads": cfg.get("num_attention_heads"),                  # default: no GQA
+           **{k: v for k, v in cfg.items() if v is not None},
            "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0))}
-    if cfg.get("num_key_value_heads") is None:
-        cfg["num_key_value_heads"] = cfg.get("num_attention_heads")          # no GQA
     sizes = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
              "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20}
     for key, high in sizes.items():
@@ -445,7 +389,12 @@ def check_hf_config(cfg: dict) -> dict:
     if dim % n_heads or cfg.get("head_dim") not in (None, dim // n_heads) or n_heads % n_kv:
         raise ValueError(f"config.json: unsupported head layout (hidden_size {dim} must be num_attention_heads "
                          f"{n_heads} x head_dim {cfg.get('head_dim')}, a multiple of num_key_value_heads {n_kv})")
-    return cfg
+    eos = cfg.get("eos_token_id")
+    return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
+                     hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=float(cfg["rope_theta"]), max_seq_len=cfg["max_position_embeddings"],
+                     tie_embeddings=cfg["tie_word_embeddings"], bos_id=cfg.get("bos_token_id"),
+                     eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -472,23 +421,21 @@ def read_config(model_dir: str) -> ModelArgs:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{model_dir}: no config.json (is this a HF Llama checkpoint directory?)")
-    return ModelArgs.from_hf_config(read_json(path))
+    return args_from_hf_config(read_json(path))
 
 
 def read_json(path: str):
-    with open(path) as f:
-        try:
+    try:
+        with open(path) as f:
             return json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def load(model_dir: str, dtype=torch.float32, device="cpu", prepare=None) -> Llama:
-    """Strictly load a HF Llama directory (config.json, safetensors). Every expected tensor must
-    be present with its exact shape; missing, extra or mis-shaped tensors are errors that name
-    them. (The model with its tokenizer, and the default model: generate.load_model.)
-    prepare(model), if given, runs on the model built on 'meta', before any weight has storage:
-    it may swap modules (fast.py swaps the attention) at no cost in peak memory."""
+    """Strictly load a HF Llama directory: every expected tensor present with its exact shape, else an
+    error naming it (with the tokenizer: generate.load_model). prepare(model) runs on the model built
+    on 'meta', before any weight has storage: it may swap modules (fast.py) at no cost in memory."""
     args = read_config(model_dir)
     with torch.device("meta"):
         model = Llama(args)

@@ -103,7 +103,7 @@ def test_stacked_scores_find_what_the_llm_adds_and_nothing_else():
 def tiny_prompter(model_dir, ds, k=4, prompt_budget=400, demo_history=3):
     d = data.load(ds, verbose=False)
     samples = data.recicl_samples(d, k_demos=k)
-    args = llama.ModelArgs.from_hf_config(json.load(open(os.path.join(model_dir, "config.json"))))
+    args = llama.read_config(model_dir)
     tok = load_tokenizer(model_dir, args)
     return d, samples, tok, recicl.Prompter(d, samples, tok, k, demo_history, prompt_budget)
 
@@ -136,7 +136,7 @@ def test_over_long_prompt_cuts_query_history_then_oldest_demos_and_keeps_query(s
 
 def test_answer_tokens_checked_at_startup(tmp_path, setup_dirs):
     model, _, _ = setup_dirs
-    args = llama.ModelArgs.from_hf_config(json.load(open(os.path.join(model, "config.json"))))
+    args = llama.read_config(model)
     tok = load_tokenizer(model, args)
     yes, no = recicl.answer_ids(tok)
     assert yes != no and tok.decode([yes]) == " Yes" and tok.decode([no]) == " No"
@@ -172,7 +172,7 @@ def test_shared_prefix_scoring_equals_separate_prompts(setup_dirs):
 
 
 def test_query_split_is_a_token_boundary_for_the_real_tokenizer(default_dir):
-    args = llama.ModelArgs.from_hf_config(json.load(open(os.path.join(default_dir, "config.json"))))
+    args = llama.read_config(default_dir)
     tok = load_tokenizer(default_dir, args)
     d = data.load(verbose=False)
     liked = d.titles[:5]
