@@ -357,10 +357,10 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     if not isinstance(cfg, dict):
         raise ValueError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
     rope = cfg.get("rope_parameters") or {}
-    cfg = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-           "num_key_value_heads": cfg.get("num_attention_heads"),                  # default: no GQA
-           **{k: v for k, v in cfg.items() if v is not None},
+    cfg = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, **cfg,
            "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0))}
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg.get("num_attention_heads")          # no GQA
     sizes = {"hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
              "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20}
     for key, high in sizes.items():

@@ -308,7 +308,9 @@ def test_extra_tensor_is_named(tiny_untied):
 
 @pytest.mark.parametrize("field,value", [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
                                          ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"),
-                                         ("model_type", "mistral"), ("head_dim", 32)])
+                                         ("model_type", "mistral"), ("head_dim", 32),
+                                         ("model_type", None), ("hidden_act", None), ("rms_norm_eps", None),
+                                         ("tie_word_embeddings", None)])
 def test_unsupported_config_field_is_named(tiny_untied, field, value):
     path, _ = tiny_untied
     cfg_path = os.path.join(path, "config.json")
