@@ -33,7 +33,8 @@ and the candidates, then "Answer:". LoRA is tuned on ' "<true title>"' + end-of-
 the loss on those tokens only. Eval: greedy generation (at most 64 new tokens, first line),
 ValidRatio (the line names exactly one candidate) and HR@1 = hits over ALL rows; and a ranking
 of the 20 candidates by the model's log-probability of ' "<title>"' + EOS after the prompt
-(one shared prefix, generate.logprobs_after): HR@1, HR@5, NDCG@5, ties against the target.
+(one shared prefix, generate.logprobs_after; `--score mean` divides it by the answer's token
+count): HR@1, HR@5, NDCG@5, ties against the target.
 
 Every configuration (M, selection) is its own adapter, tuned with the same settings on the same
 rows: `train --configs 0,5:llm` (the default) tunes OUT/m0 and OUT/m5-llm, and `eval --configs`
@@ -387,9 +388,9 @@ class Prompter:
     """Renders a row with its demonstrations (units, most similar first) within a budget."""
 
     def __init__(self, d: data.Data, pool: Pool, tok: Tokenizer, demo_history: int, prompt_budget: int,
-                 chat: ChatML | None = None):
+                 chat: ChatML | None = None, score: str = "sum"):
         self.d, self.pool, self.tok, self.demo_history, self.prompt_budget = d, pool, tok, demo_history, prompt_budget
-        self.chat = chat
+        self.chat, self.score_by = chat, score
 
     def titles(self, items):
         return [self.d.titles[i] for i in items]
@@ -431,6 +432,13 @@ class Prompter:
         if self.chat is not None:
             return self.tok.encode(data.quote(self.d.titles[item]), bos=False) + [self.chat.end]
         return self.tok.encode(" " + data.quote(self.d.titles[item]), bos=False) + [self.tok.eos_ids[0]]
+
+    def score(self, logprobs: torch.Tensor, items: list) -> torch.Tensor:
+        """The ranking score of each item's answer from its log p(answer | prompt): that sum
+        (--score sum), or the mean over its tokens (--score mean, length-normalised)."""
+        if self.score_by == "sum":
+            return logprobs
+        return logprobs / torch.tensor([len(self.answer(i)) for i in items], dtype=logprobs.dtype, device=logprobs.device)
 
 
 # ----------------------------------------------------------------------------- loss and scoring
@@ -492,15 +500,17 @@ def candidate_logprobs(model, prompt: list, answers: list) -> torch.Tensor:
 
 def make_listwise_loss_fn(prompter: Prompter, nll_weight: float):
     """--objective listwise / both: per example, the cross-entropy over its 20 candidates of their
-    sequence log-likelihoods after the one prompt (the ranking eval reads), plus nll_weight times
-    the target's mean token NLL (the title objective of loss_fn)."""
+    ranking scores after the one prompt (prompter.score of their sequence log-likelihoods, what
+    the ranking eval reads), plus nll_weight times the target's mean token NLL (the title
+    objective of loss_fn)."""
     def listwise_loss_fn(model, batch: list) -> tuple[torch.Tensor, int]:
         total, tokens = 0.0, 0
         for e in batch:
             answers = [prompter.answer(c) for c in e.row.candidates]
             lp = candidate_logprobs(model, e.ids[:e.n_prompt], answers)
             t = e.row.candidates.index(e.row.target)
-            total = total - torch.log_softmax(lp, 0)[t] - nll_weight * lp[t] / len(answers[t])
+            scores = prompter.score(lp, e.row.candidates)
+            total = total - torch.log_softmax(scores, 0)[t] - nll_weight * lp[t] / len(answers[t])
             tokens += e.n_prompt + sum(len(a) - 1 for a in answers)
         return total / len(batch), tokens
     return listwise_loss_fn
@@ -510,10 +520,10 @@ def make_listwise_loss_fn(prompter: Prompter, nll_weight: float):
 def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: dict, batch_size: int = 8,
                     max_new_tokens: int = 64, log=None) -> tuple[list, list]:
     """For each row, in one pass over its prompt: the greedy answer (first line of at most
-    max_new_tokens new tokens; max_new_tokens 0 = ranking only) and log p(' "<title>"' + EOS | prompt)
-    of each candidate, (20,) fp32. Prompts are prefilled in left-padded batches (in order of
-    length); each row's 20 answers then attend to its slice of that cache (KVCache.row) before
-    the batch decodes from it."""
+    max_new_tokens new tokens; max_new_tokens 0 = ranking only) and each candidate's ranking
+    score, (20,) fp32: prompter.score of log p(' "<title>"' + EOS | prompt). Prompts are
+    prefilled in left-padded batches (in order of length); each row's 20 answers then attend to
+    its slice of that cache (KVCache.row) before the batch decodes from it."""
     prompts = [prompter.ids(r, units_by_row[row_key(r)]) for r in rows]
     order = sorted(range(len(rows)), key=lambda k: len(prompts[k]))
     answers, logprobs, t0 = [None] * len(rows), [None] * len(rows), time.time()
@@ -521,8 +531,8 @@ def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: di
         chunk = order[s:s + batch_size]
         cache, logits = generate.prefill_batch(model, [prompts[k] for k in chunk], max_new_tokens)
         for b, k in enumerate(chunk):
-            logprobs[k] = generate.logprobs_after(model, cache.row(b), logits[b],
-                                                  [prompter.answer(c) for c in rows[k].candidates]).cpu()
+            lp = generate.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in rows[k].candidates])
+            logprobs[k] = prompter.score(lp, rows[k].candidates).cpu()
         new = generate.decode(model, cache, logits, max_new_tokens, stop=["\n"], tokenizer=tok)
         for k, ids in zip(chunk, new):
             answers[k] = tok.decode(ids).strip().split("\n")[0].strip()
@@ -576,6 +586,10 @@ def add_common(p):
     generate.add_device_args(p)
     p.add_argument("--plain", action="store_true", help="the plain model.py path, without fast.py's CPU speed layer "
                    "(same results, slower on CPU)")
+    p.add_argument("--score", choices=("sum", "mean"), default="sum", help="a candidate's ranking score, in the ranking, "
+                   "validation and the listwise objective: sum = log p(' \"title\"' + EOS | prompt); mean = that over "
+                   "its token count (length-normalised: near-uniform before tuning where the sum is peaked); an adapter "
+                   "is evaluated with the score it was tuned with")
     generate.add_chat_arg(p, "every prompt (the judge's, training, generation, ranking): the system line as the "
                           "system turn, the rest as the user turn, the answer as the assistant's turn ending in <|im_end|>")
 
@@ -615,7 +629,7 @@ def setup(a, log) -> Setup:
     log(f"[adaptrec] {len(rows['train'])} train / {len(rows['valid'])} valid / {len(rows['test'])} test rows; "
         f"pool of {len(pool.users)} users; N={a.n}, budget {a.prompt_budget} tokens")
     return Setup(d, rows, pool, model, tok, retriever, selector, Prompter(d, pool, tok, a.demo_history, a.prompt_budget,
-                                                                          chat))
+                                                                          chat, a.score))
 
 
 def demo_overlap(pool: Pool, rows: list, units_by_row: dict) -> dict:
@@ -798,7 +812,8 @@ def cmd_eval(a):
                 log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
                        f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
                 continue
-            trainer.check_tuned_like(os.path.join(a.out, run_name(m, how)), {"--chat": (a.chat, False)})
+            trainer.check_tuned_like(os.path.join(a.out, run_name(m, how)),
+                                     {"--chat": (a.chat, False), "--score": (a.score, "sum")})
             model, name = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0], "AdaptRec"
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
@@ -826,7 +841,8 @@ def report(results: list, agree: dict | None, best: str, a, elapsed: float):
         print(f"{r['method']:<24}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
               f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}"
               f"{r['n']:>5}{demo}" + (f"   {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else ""))
-    print(f"HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS).\n"
+    print(f"HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS)"
+          f"{' per token' if a.score == 'mean' else ''}.\n"
           f"Best control (by rHR@1): {best}. shared: the row's history items found in its demonstrators' units (mean); "
           "has-tgt: rows where a demonstrator's unit holds the target.")
     if agree:
@@ -870,7 +886,7 @@ def cmd_recommend(a):
     units_by_row = {row_key(row): chosen}
     (answer,), (lp,) = answer_and_rank(s.model, s.tok, s.prompter, [row], units_by_row)
     print(f"recommendation (generated): {answer}")
-    print("candidates by log p(title):")
+    print(f"candidates by {'log p(title)' if a.score == 'sum' else 'log p(title) per token'}:")
     for n, k in enumerate(torch.argsort(lp, descending=True).tolist(), 1):
         c = row.candidates[k]
         print(f"{n:>3}. {lp[k]:8.2f}  {s.d.titles[c]}{'   <- held-out next item' if c == row.target else ''}")

@@ -139,11 +139,12 @@ def test_answer_only_loss_against_cross_entropy(dirs):
     assert n == 19 + 11
 
 
-@pytest.mark.parametrize("plain", [True, False], ids=["plain", "fast"])
-def test_listwise_loss_reads_what_the_ranking_reads(dirs, plain):
+@pytest.mark.parametrize("plain,score", [(True, "sum"), (False, "sum"), (False, "mean")], ids=["plain", "fast", "mean"])
+def test_listwise_loss_reads_what_the_ranking_reads(dirs, plain, score):
     """candidate_logprobs (one packed forward, differentiable) equals generate.logprobs_after (the
-    eval's ranking through a KV cache); the listwise loss is the cross-entropy over those plus the
-    weighted mean token NLL of the target, and its gradient reaches the LoRA weights."""
+    eval's ranking through a KV cache); the listwise loss is the cross-entropy over those (summed,
+    or with --score mean divided by each answer's length) plus the weighted mean token NLL of the
+    target, and its gradient reaches the LoRA weights."""
     import lora
     model_dir, _, _ = dirs
     m, _ = generate.load_model(model_dir, plain=plain)
@@ -156,7 +157,11 @@ def test_listwise_loss_reads_what_the_ranking_reads(dirs, plain):
         packed = adaptrec.candidate_logprobs(m, prompt, answers)
     assert torch.allclose(packed, ref, atol=1e-4) and ref.std() > 0.1
 
+    how = score
+
     class Prompter:
+        score_by, score = how, adaptrec.Prompter.score
+
         def answer(self, item):
             return answers[item]
     row = data.SeqRow(user=0, history=[], target=2, ts=0, split="train", candidates=list(range(5)))
@@ -164,7 +169,8 @@ def test_listwise_loss_reads_what_the_ranking_reads(dirs, plain):
     lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
     for weight in (0.0, 1.0):
         loss, n = adaptrec.make_listwise_loss_fn(Prompter(), weight)(m, [e])
-        expected = -torch.log_softmax(ref, 0)[2] - weight * ref[2] / len(answers[2])
+        logits = ref if score == "sum" else torch.tensor([ref[k] / len(a) for k, a in enumerate(answers)])
+        expected = -torch.log_softmax(logits, 0)[2] - weight * ref[2] / len(answers[2])
         assert abs(loss.item() - expected.item()) < 1e-4 and n == 150 + sum(len(a) - 1 for a in answers)
     m.train()
     loss.backward()
@@ -246,8 +252,14 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
     adaptrec.main(["train", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--train-rows", "4",
-            "--batch-size", "4", "--epochs", "1", "--objective", "both"])
+            "--batch-size", "4", "--epochs", "1", "--objective", "both", "--score", "mean"])
     assert adaptrec.adapter_dir(os.path.join(out, "noval"), 2, "embed").endswith("final")
+    noval = ["eval", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--eval-rows", "5",
+             "--sasrec-epochs", "0"]
+    with pytest.raises(SystemExit, match="tuned with --score mean; this run has --score sum"):
+        adaptrec.main(noval)                               # an adapter is ranked with the score it was tuned with
+    adaptrec.main(noval + ["--score", "mean"])
+    assert json.load(open(os.path.join(out, "noval", "results.json")))["config"]["score"] == "mean"
     capsys.readouterr()
     adaptrec.main(["recommend", *common, "--user", "3", "--m", "2"])
     text = capsys.readouterr().out
