@@ -679,6 +679,9 @@ def add_train_args(p):
     p.add_argument("--train-rows", type=trainer.count(0), default=64, help="training rows drawn from all users' train parts (0 = all)")
     p.add_argument("--val-rows", type=trainer.count(0), default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
+    p.add_argument("--fit-rows", type=trainer.count(0), default=0, help="at each validation, also rank this many of the "
+                   "training rows and log their NDCG@20 beside the held-out rows' (into OUT/RUN/fit.jsonl too): does the "
+                   "adapter fit what it is tuned on, and does that carry over? Never used to choose; needs --val-rows")
     p.add_argument("--epochs", type=trainer.real(0, low_open=True), default=1.0)
     p.add_argument("--objective", choices=("nll", "listwise", "both"), default="nll", help="nll: the target title's "
                    "token cross-entropy; listwise: cross-entropy over the 20 candidates' sequence log-likelihoods after "
@@ -702,11 +705,26 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     model = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)[0]
     trainer.make_trainable(model, trainer.lora_from_args(a))
     cfg = trainer.config_from_args(a, os.path.join(a.out, run_name(m, how)), steps)
-    # validation metric: NDCG@20 of the likelihood ranking (smoother than HR@1 on a few rows)
-    validate = (lambda mod: metrics.ndcg_at_k(target_ranks(val_rows, answer_and_rank(mod, s.tok, s.prompter, val_rows, units_by_row,
-                                                                               max_new_tokens=0)[1]), 20)) if val_rows else None
+    fit_rows, fit_log = train_rows[:a.fit_rows], os.path.join(cfg.out_dir, "fit.jsonl")
+    if not a.resume and os.path.exists(fit_log):            # a fresh run's log starts empty; --resume appends
+        os.remove(fit_log)
+
+    def ndcg20(mod, rows):          # the validation metric: smoother than HR@1 on a few rows
+        return metrics.ndcg_at_k(target_ranks(rows, answer_and_rank(mod, s.tok, s.prompter, rows, units_by_row,
+                                                                    max_new_tokens=0)[1]), 20)
+
+    def validate(mod):
+        held_out = ndcg20(mod, val_rows)
+        if fit_rows:
+            fit = ndcg20(mod, fit_rows)
+            log_fn(f"[adaptrec] NDCG@20 on {len(fit_rows)} training rows {fit:.4f}, on {len(val_rows)} held-out rows "
+                   f"{held_out:.4f}")
+            with open(fit_log, "a") as f:
+                f.write(json.dumps({"train_rows_ndcg20": fit, "val_rows_ndcg20": held_out}) + "\n")
+        return held_out
+
     objective = loss_fn if a.objective == "nll" else make_listwise_loss_fn(s.prompter, float(a.objective == "both"))
-    summary = trainer.train(model, examples, objective, cfg, validate=validate, resume=a.resume,
+    summary = trainer.train(model, examples, objective, cfg, validate=validate if val_rows else None, resume=a.resume,
                       run_config={"method": "adaptrec", "m": m, "select": how, "args": vars(a),
                                   "train_rows": len(examples), "val_rows": len(val_rows)},
                       base_model=a.model or "SmolLM2-135M-Instruct")
@@ -719,6 +737,8 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
 def cmd_train(a):
     t0 = time.time()
     configs = parse_configs(a.configs)
+    if a.fit_rows and not a.val_rows:
+        raise ValueError("--fit-rows is logged at each validation: give --val-rows too")
     s = setup(a, log_fn)
     rng = random.Random(a.seed)
     train_rows = rng.sample(s.rows["train"], min(a.train_rows, len(s.rows["train"]))) if a.train_rows else s.rows["train"]

@@ -225,10 +225,16 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     model_dir, ds, out = dirs
     common = ["--model", model_dir, "--dataset", ds, "--out", out, "--n", "4", "--prompt-budget", "1200"]
     adaptrec.main(["train", *common, "--configs", "0,2:llm,2:random", "--train-rows", "8", "--val-rows", "4",
-            "--batch-size", "4", "--epochs", "1", "--lr", "1e-3"])
+            "--fit-rows", "8", "--batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--eval-every", "1"])
     for run in ("m0", "m2-llm", "m2-random"):
         assert os.path.exists(os.path.join(out, run, "best", "adapter_config.json"))
         assert json.load(open(os.path.join(out, run, "config.json")))["m"] == int(run[1])
+        logged = [json.loads(line) for line in open(os.path.join(out, run, "log.jsonl"))]
+        fit = [json.loads(line) for line in open(os.path.join(out, run, "fit.jsonl"))]   # one line per validation
+        assert [f["val_rows_ndcg20"] for f in fit] == [x["validation"] for x in logged if "validation" in x]
+        assert len(fit) == 2 and all(0 < f["train_rows_ndcg20"] <= 1 for f in fit)
+    with pytest.raises(SystemExit, match="--fit-rows"):
+        adaptrec.main(["train", *common, "--configs", "0", "--train-rows", "8", "--fit-rows", "8"])
     judged = json.load(open(next(os.path.join(out, "cache", f) for f in os.listdir(os.path.join(out, "cache"))
                                  if f.startswith("judge"))))["rows"]
     assert len(judged) == 12 and all(1 <= x <= 9 for v in judged.values() for x in v["rating"])
