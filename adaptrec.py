@@ -433,12 +433,12 @@ class Prompter:
             return self.tok.encode(data.quote(self.d.titles[item]), bos=False) + [self.chat.end]
         return self.tok.encode(" " + data.quote(self.d.titles[item]), bos=False) + [self.tok.eos_ids[0]]
 
-    def score(self, logprobs: torch.Tensor, items: list) -> torch.Tensor:
-        """The ranking score of each item's answer from its log p(answer | prompt): that sum
-        (--score sum), or the mean over its tokens (--score mean, length-normalised)."""
+    def score(self, logprobs: torch.Tensor, answers: list) -> torch.Tensor:
+        """The ranking score of each answer (its ids, from self.answer) from its log p(answer |
+        prompt): that sum (--score sum), or the mean over its tokens (--score mean, length-normalised)."""
         if self.score_by == "sum":
             return logprobs
-        return logprobs / torch.tensor([len(self.answer(i)) for i in items], dtype=logprobs.dtype, device=logprobs.device)
+        return logprobs / torch.tensor([len(a) for a in answers], dtype=logprobs.dtype, device=logprobs.device)
 
 
 # ----------------------------------------------------------------------------- loss and scoring
@@ -509,7 +509,7 @@ def make_listwise_loss_fn(prompter: Prompter, nll_weight: float):
             answers = [prompter.answer(c) for c in e.row.candidates]
             lp = candidate_logprobs(model, e.ids[:e.n_prompt], answers)
             t = e.row.candidates.index(e.row.target)
-            scores = prompter.score(lp, e.row.candidates)
+            scores = prompter.score(lp, answers)
             total = total - torch.log_softmax(scores, 0)[t] - nll_weight * lp[t] / len(answers[t])
             tokens += e.n_prompt + sum(len(a) - 1 for a in answers)
         return total / len(batch), tokens
@@ -531,8 +531,8 @@ def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: di
         chunk = order[s:s + batch_size]
         cache, logits = generate.prefill_batch(model, [prompts[k] for k in chunk], max_new_tokens)
         for b, k in enumerate(chunk):
-            lp = generate.logprobs_after(model, cache.row(b), logits[b], [prompter.answer(c) for c in rows[k].candidates])
-            logprobs[k] = prompter.score(lp, rows[k].candidates).cpu()
+            cands = [prompter.answer(c) for c in rows[k].candidates]
+            logprobs[k] = prompter.score(generate.logprobs_after(model, cache.row(b), logits[b], cands), cands).cpu()
         new = generate.decode(model, cache, logits, max_new_tokens, stop=["\n"], tokenizer=tok)
         for k, ids in zip(chunk, new):
             answers[k] = tok.decode(ids).strip().split("\n")[0].strip()
