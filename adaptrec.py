@@ -794,20 +794,34 @@ def control_ranks(s: Setup, rows: list, units_by_config: dict, sasrec_epochs: in
     return out
 
 
+def paired_diffs(mine: np.ndarray, theirs: np.ndarray, vs: str) -> dict:
+    """Ranked HR@1 and NDCG@5 of one set of target ranks minus another's on the same rows, each with
+    a paired bootstrap interval (the same rows drawn for both)."""
+    n = len(mine)
+    strata = [[np.array([k]) for k in range(n)]]
+    out = {}
+    for metric, per_row in (("hr1_rank", lambda x: (x < 1).astype(float)), ("ndcg5", lambda x: np.where(x < 5, 1 / np.log2(x + 2), 0))):
+        point, lo, hi = metrics.paired_diff_ci(lambda y, v: float(v.mean()), np.zeros(n), per_row(mine), per_row(theirs),
+                                               strata, n_boot=1000)
+        out[metric] = {"vs": vs, "diff": round(point, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return out
+
+
 def paired_to_best(results: list, ranks: dict, controls: list) -> str:
     """Add to each LLM row its ranked HR@1 and NDCG@5 minus the best control's (by ranked HR@1,
-    then NDCG@5) on the same rows, with paired bootstrap intervals; returns the control's name."""
+    then NDCG@5) on the same rows, and, to each row with demonstrations, minus M = 0's where M = 0
+    was evaluated too (the issue's "M = 5 above M = 0"); paired bootstrap intervals. Returns the
+    best control's name."""
     best = max(controls, key=lambda c: (metrics.hr_at_k(ranks[c], 1), metrics.ndcg_at_k(ranks[c], 5)))
-    n = len(ranks[best])
-    strata = [[np.array([k]) for k in range(n)]]
     for r in results:
         if r["kind"] != "llm":
             continue
         mine = ranks[(r["m"], r["select"])]
-        for metric, per_row in (("hr1_rank", lambda x: (x < 1).astype(float)), ("ndcg5", lambda x: np.where(x < 5, 1 / np.log2(x + 2), 0))):
-            point, lo, hi = metrics.paired_diff_ci(lambda y, v: float(v.mean()), np.zeros(n), per_row(mine), per_row(ranks[best]),
-                                             strata, n_boot=1000)
-            r[f"{metric}_vs_best_control"] = {"vs": best, "diff": round(point, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        for metric, d in paired_diffs(mine, ranks[best], best).items():
+            r[f"{metric}_vs_best_control"] = d
+        if r["m"] and (0, "none") in ranks:
+            for metric, d in paired_diffs(mine, ranks[(0, "none")], "M=0").items():
+                r[f"{metric}_vs_m0"] = d
     return best
 
 
@@ -838,7 +852,8 @@ def cmd_eval(a):
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
-                        **demo_overlap(s.pool, rows, units_by_config[(m, how)])})
+                        **demo_overlap(s.pool, rows, units_by_config[(m, how)]),
+                        "target_ranks": ranks[(m, how)].tolist()})   # per row, 0 = first: pairs can be compared later
         log_fn(f"[adaptrec]   HR@1 {res['hr1']:.4f} (valid {res['valid_ratio']:.3f}), ranked HR@1 {res['hr1_rank']:.4f}, "
                f"NDCG@5 {res['ndcg5']:.4f}")
     if not results:
@@ -847,7 +862,8 @@ def cmd_eval(a):
     # a control's answer is its top candidate: always valid, so generated HR@1 = ranked HR@1
     for c, r in controls.items():
         results.append({"method": c, "kind": "control", "m": None, "select": None, "hr1": round(metrics.hr_at_k(r, 1), 4),
-                        "hr1_ci95": ci(lambda x: metrics.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows)})
+                        "hr1_ci95": ci(lambda x: metrics.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows),
+                        "target_ranks": np.asarray(r).tolist()})
     best = paired_to_best(results, ranks, list(controls))
     report(results, agree, best, a, time.time() - t0)
 
@@ -865,6 +881,11 @@ def report(results: list, agree: dict | None, best: str, a, elapsed: float):
           f"{' per token' if a.score == 'mean' else ''}.\n"
           f"Best control (by rHR@1): {best}. shared: the row's history items found in its demonstrators' units (mean); "
           "has-tgt: rows where a demonstrator's unit holds the target.")
+    for r in results:
+        if "hr1_rank_vs_m0" in r:
+            h, g = r["hr1_rank_vs_m0"], r["ndcg5_vs_m0"]
+            print(f"M={r['m']} ({r['select']}) - M=0, paired over the same rows: rHR@1 {h['diff']:+.4f} "
+                  f"[{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}], NDCG@5 {g['diff']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]")
     if agree:
         print(f"stage 2 vs stage 1 (M={agree['m']}): top-M sets differ on {agree['top_m_set_differs']:.1%} of rows, "
               f"top-1 on {agree['top_1_differs']:.1%}; mean overlap {agree['mean_overlap']:.2f} of {agree['m']}")

@@ -254,6 +254,18 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
         assert d["vs"] == res["best_control"] and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
         assert "demo_has_target" in r
     assert res["selection"]["rows"] == 5
+    for r in res["rows"]:                                  # the stored per-row ranks give the reported metrics
+        ranks = np.array(r["target_ranks"])
+        assert len(ranks) == 5 and np.mean(ranks == 0) == pytest.approx(r["hr1_rank"], abs=1e-4)
+    m0 = np.array(res["rows"][0]["target_ranks"])
+    assert "hr1_rank_vs_m0" not in res["rows"][0]
+    for r in res["rows"][1:3]:                             # each M = 2 adapter against M = 0's, row by row
+        d, mine = r["hr1_rank_vs_m0"], np.array(r["target_ranks"])
+        assert d["vs"] == "M=0" and d["diff"] == pytest.approx(np.mean(mine == 0) - np.mean(m0 == 0), abs=1e-4)
+        assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+        g = r["ndcg5_vs_m0"]["diff"]
+        assert g == pytest.approx(np.mean(np.where(mine < 5, 1 / np.log2(mine + 2), 0) -
+                                          np.where(m0 < 5, 1 / np.log2(m0 + 2), 0)), abs=1e-4)
     adaptrec.main(args)                                    # same rows, candidates and demonstrations: same numbers
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
