@@ -42,7 +42,9 @@ evaluates each with its own. Eval sets them beside controls on the same rows: Po
 taken by anyone before the row's time), DemoVote (candidates ranked by how many of the shown
 demonstrations hold them, ties by Pop (t)), TitlePrior (the base model's log p of each title
 with no user in the prompt), and the leave-one-out Pop and SASRec; each LLM row gets its ranked
-HR@1 and NDCG@5 minus the best control's, with a paired bootstrap interval.
+HR@1 and NDCG@5 minus the best control's, with a paired bootstrap interval. An analysis row per
+adapter mixes its ranking with the best control's (mixed_ranks: a weighted Borda count, each
+row's weight chosen on the other rows): above the control alone, the LLM adds something to it.
 
 CPU defaults (2 cores, SmolLM2-135M): 64 training rows for 1 epoch (16 steps of 4, lr 1e-3),
 LoRA r 16 on q/v, demonstrations that show 3 history items, the judge shown each retrieved
@@ -541,16 +543,17 @@ def answer_and_rank(model, tok, prompter: Prompter, rows: list, units_by_row: di
     return answers, logprobs
 
 
-def target_ranks(rows: list, logprobs: list) -> np.ndarray:
-    """Rank (0 = first, ties against the target) of each row's target by its candidates' log-probs."""
-    return np.array([metrics.rank_of_target(lp.numpy(), r.candidates.index(r.target)) for r, lp in zip(rows, logprobs)])
+def target_ranks(rows: list, scores) -> np.ndarray:
+    """Rank (0 = first, ties against the target) of each row's target by its candidates' scores."""
+    return np.array([metrics.rank_of_target(sc, r.candidates.index(r.target)) for r, sc in zip(rows, scores)])
 
 
 def evaluate(model, tok, prompter, rows, units_by_row, gen_batch: int = 8, log=None) -> tuple[dict, np.ndarray]:
     """Generation (ValidRatio, HR@1 over all rows) and likelihood ranking (HR@1, HR@5, NDCG@5);
-    and the target's rank in each row."""
+    and the ranking scores, (rows, 20)."""
     answers, logprobs = answer_and_rank(model, tok, prompter, rows, units_by_row, gen_batch, log=log)
-    ranks = target_ranks(rows, logprobs)
+    scores = torch.stack(logprobs).numpy()
+    ranks = target_ranks(rows, scores)
     matched = [metrics.match_answer(t, prompter.titles(r.candidates)) for t, r in zip(answers, rows)]
     targets = [r.candidates.index(r.target) for r in rows]
     g = metrics.hr1_generated(matched, targets)
@@ -558,7 +561,7 @@ def evaluate(model, tok, prompter, rows, units_by_row, gen_batch: int = 8, log=N
     return {"hr1": round(g["hr1"], 4), "hr1_ci95": ci(np.mean, hits), "valid_ratio": round(g["valid_ratio"], 4),
             "hr1_valid": round(g["hr1_valid"], 4), **rank_metrics(ranks), "n": len(rows),
             "examples": [{"user": prompter.d.user_ids[r.user], "answer": t, "target": prompter.d.titles[r.target]}
-                         for t, r in list(zip(answers, rows))[:5]]}, ranks
+                         for t, r in list(zip(answers, rows))[:5]]}, scores
 
 
 def ci(stat, *arrays) -> list:
@@ -767,31 +770,56 @@ def title_prior(model, tok, prompter: Prompter, items: list) -> dict:
     return dict(zip(items, lp.tolist()))
 
 
-def control_ranks(s: Setup, rows: list, units_by_config: dict, sasrec_epochs: int, seed: int, log) -> dict:
-    """{control: target ranks} on these rows, every score from what was known before the row's
-    time (Pop (t), DemoVote, TitlePrior) or from the users' training rows (Pop, SASRec, the
-    classical baselines as they are usually run on leave-one-out splits)."""
+def control_scores(s: Setup, rows: list, units_by_config: dict, sasrec_epochs: int, seed: int, log) -> dict:
+    """{control: (rows, 20) scores of each row's candidates}, every score from what was known before
+    the row's time (Pop (t), DemoVote, TitlePrior) or from the users' training rows (Pop, SASRec,
+    the classical baselines as they are usually run on leave-one-out splits)."""
     import baselines
+    at_candidates = lambda full: np.stack([full[k, r.candidates] for k, r in enumerate(rows)])   # (R, I) -> (R, 20)
     pop_t = causal_pop(s.d, rows)                                                  # (R, I)
     tie = pop_t / (pop_t.max() + 1)                                               # < 1: only breaks ties
-    out = {"Pop (t)": baselines.candidate_ranks(pop_t, rows)}
+    out = {"Pop (t)": at_candidates(pop_t)}
     for (m, how), units in units_by_config.items():
         if m:
             vote = np.zeros_like(pop_t)
             for k, r in enumerate(rows):
                 for u in units[row_key(r)]:
                     vote[k, s.prompter.shown(u)] += 1
-            out[f"DemoVote (M={m}, {how})"] = baselines.candidate_ranks(vote + tie, rows)
+            out[f"DemoVote (M={m}, {how})"] = at_candidates(vote + tie)
     prior = title_prior(s.model, s.tok, s.prompter, sorted({c for r in rows for c in r.candidates}))
-    out["TitlePrior (base)"] = np.array([metrics.rank_of_target([prior[c] for c in r.candidates], r.candidates.index(r.target))
-                                         for r in rows])
+    out["TitlePrior (base)"] = np.array([[prior[c] for c in r.candidates] for r in rows])
     pop = np.bincount([r.target for r in s.rows["train"]], minlength=len(s.d.item_ids)).astype(np.float64)
-    out["Pop"] = baselines.candidate_ranks(np.tile(pop, (len(rows), 1)), rows)
+    out["Pop"] = at_candidates(np.tile(pop, (len(rows), 1)))
     if sasrec_epochs:
         sas = baselines.train_sasrec(len(s.d.item_ids), s.rows, seed=seed, epochs=sasrec_epochs, log=log)
         with torch.no_grad():
-            out["SASRec"] = baselines.candidate_ranks(sas.scores(baselines.pad_hist(rows, sas.max_history)).numpy(), rows)
+            out["SASRec"] = at_candidates(sas.scores(baselines.pad_hist(rows, sas.max_history)).numpy())
     return out
+
+
+def mixed_ranks(rows: list, control: np.ndarray, llm: np.ndarray, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Does the LLM's ranking hold anything the control's does not? Target ranks under a weighted
+    Borda count of the two rankings of each row's 20 candidates, (1 - w) * the control's points +
+    w * the LLM's (points: candidates ranked below, ties half), w in 0, 1/steps, .., 1, what the
+    sum leaves equal ordered by the LLM's points. Each row's w is the one with the best NDCG@20 on the OTHER rows (leave one
+    row out), so no row's rank comes from a fit on its own answer. An analysis, not a method: it
+    fits on test rows. w = 0 is the control's own ranking, so above the control alone means the
+    LLM's ranking carries something the control's does not. On few rows (80) with a flat curve
+    over w, the other rows' choice is noisy and can land below both rankings: it is a
+    conservative test, not an estimate of the best mix. Returns (ranks, each row's w, and the
+    ranks under every w on all rows, (steps + 1, R): the in-sample curve, an upper bound)."""
+    def points(x):                      # (R, 20) -> (R, 20) integers: 2 * (candidates below + half the ties)
+        below = (x[:, :, None] > x[:, None, :]).sum(-1)
+        equal = (x[:, :, None] == x[:, None, :]).sum(-1) - 1
+        return 2 * below + equal
+    pc, pl = points(np.asarray(control, dtype=np.float64)), points(np.asarray(llm, dtype=np.float64))
+    target = [r.candidates.index(r.target) for r in rows]
+    # integers throughout, so ties are exact; pl < 64 only orders what the weighted sum leaves equal
+    ranks = np.array([[metrics.rank_of_target(((steps - j) * pc[k] + j * pl[k]) * 64 + pl[k], target[k])
+                       for k in range(len(rows))] for j in range(steps + 1)])                  # (steps + 1, R)
+    gain = 1 / np.log2(ranks + 2)                                       # NDCG@20 of each row: every rank is < 20
+    best = np.array([np.argmax(np.delete(gain, k, axis=1).sum(1)) for k in range(len(rows))])   # best j without row k
+    return ranks[best, np.arange(len(rows))], best / steps, ranks
 
 
 def paired_diffs(mine: np.ndarray, theirs: np.ndarray, vs: str) -> dict:
@@ -836,8 +864,9 @@ def cmd_eval(a):
     units_by_config = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs}
     m_llm = next((m for m, h in configs if h == "llm"), 0)
     agree = s.selector.disagreement(rows, retrieved, m_llm) if m_llm else None
-    controls = control_ranks(s, rows, units_by_config, a.sasrec_epochs, a.seed, log_fn)
-    results, ranks = [], dict(controls)
+    controls = control_scores(s, rows, units_by_config, a.sasrec_epochs, a.seed, log_fn)
+    ranks = {c: target_ranks(rows, sc) for c, sc in controls.items()}
+    results, llm_scores = [], {}
     for m, how in configs:
         model, name = s.model, "base model (untuned)"
         if not a.base:
@@ -850,7 +879,8 @@ def cmd_eval(a):
                                      {"--chat": (a.chat, False), "--score": (a.score, "sum")})
             model, name = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0], "AdaptRec"
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
-        res, ranks[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
+        res, llm_scores[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
+        ranks[(m, how)] = target_ranks(rows, llm_scores[(m, how)])
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
                         **demo_overlap(s.pool, rows, units_by_config[(m, how)]),
                         "target_ranks": ranks[(m, how)].tolist()})   # per row, 0 = first: pairs can be compared later
@@ -859,28 +889,46 @@ def cmd_eval(a):
     if not results:
         raise FileNotFoundError(f"no adapter for any of --configs {a.configs} in {a.out}: run `python adaptrec.py train` "
                                 "first, or pass --base")
-    # a control's answer is its top candidate: always valid, so generated HR@1 = ranked HR@1
-    for c, r in controls.items():
-        results.append({"method": c, "kind": "control", "m": None, "select": None, "hr1": round(metrics.hr_at_k(r, 1), 4),
-                        "hr1_ci95": ci(lambda x: metrics.hr_at_k(x, 1), r), "valid_ratio": 1.0, **rank_metrics(r), "n": len(rows),
-                        "target_ranks": np.asarray(r).tolist()})
+    results += [ranked_row(c, "control", ranks[c]) for c in controls]
     best = paired_to_best(results, ranks, list(controls))
+    for (m, how), sc in llm_scores.items():            # does the LLM's ranking add to the best control's?
+        mixed, w, by_weight = mixed_ranks(rows, controls[best], sc)
+        row = ranked_row(f"{best} + M={m} ({how})", "analysis", mixed)
+        row.update({f"{k}_vs_best_control": d for k, d in paired_diffs(mixed, ranks[best], best).items()})
+        row["llm_weight_rows"] = {f"{x:g}": int((w == x).sum()) for x in np.unique(w)}    # w chosen: how many rows
+        # every fixed w on all rows at once: the in-sample curve, an upper bound on what mixing can give
+        row["in_sample_by_weight"] = [{"w": j / (len(by_weight) - 1), "hr1_rank": metrics.hr_at_k(rk, 1),
+                                       "ndcg5": round(metrics.ndcg_at_k(rk, 5), 4)} for j, rk in enumerate(by_weight)]
+        results.append(row)
     report(results, agree, best, a, time.time() - t0)
 
 
+def ranked_row(name: str, kind: str, ranks: np.ndarray) -> dict:
+    """A results row of a ranking with no generation (a control, an analysis): its answer is its
+    top candidate, always valid, so generated HR@1 = ranked HR@1."""
+    return {"method": name, "kind": kind, "m": None, "select": None, "hr1": round(metrics.hr_at_k(ranks, 1), 4),
+            "hr1_ci95": ci(lambda x: metrics.hr_at_k(x, 1), ranks), "valid_ratio": 1.0, **rank_metrics(ranks),
+            "n": len(ranks), "target_ranks": np.asarray(ranks).tolist()}
+
+
 def report(results: list, agree: dict | None, best: str, a, elapsed: float):
-    print(f"{'method':<24}{'M':>3} {'select':<7}{'HR@1':>7} {'95% CI':<16}{'Valid':>6}{'rHR@1':>7}{'HR@5':>7}{'NDCG@5':>8}"
+    w = max(len(r["method"]) for r in results) + 2
+    print(f"{'method':<{w}}{'M':>3} {'select':<7}{'HR@1':>7} {'95% CI':<16}{'Valid':>6}{'rHR@1':>7}{'HR@5':>7}{'NDCG@5':>8}"
           f"{'n':>5}{'shared':>8}{'has-tgt':>8}   rHR@1 - best control [95% CI]")
     for r in results:
         demo = f"{r['demo_history_overlap']:>8.2f}{r['demo_has_target']:>8.2f}" if r.get("m") else " " * 16
         d = r.get("hr1_rank_vs_best_control")
-        print(f"{r['method']:<24}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
+        print(f"{r['method']:<{w}}{'' if r['m'] is None else r['m']:>3} {r['select'] or '':<7}{r['hr1']:>7.4f} "
               f"{str(r['hr1_ci95']):<16}{r['valid_ratio']:>6.3f}{r['hr1_rank']:>7.4f}{r['hr5']:>7.4f}{r['ndcg5']:>8.4f}"
               f"{r['n']:>5}{demo}" + (f"   {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else ""))
     print(f"HR@1 and Valid: greedy generation, hits over all rows; rHR@1, HR@5, NDCG@5: ranking by log p(\"title\" + EOS)"
           f"{' per token' if a.score == 'mean' else ''}.\n"
           f"Best control (by rHR@1): {best}. shared: the row's history items found in its demonstrators' units (mean); "
           "has-tgt: rows where a demonstrator's unit holds the target.")
+    if any(r["kind"] == "analysis" for r in results):
+        print(f"'{best} + M=m (select)': a weighted Borda count of {best}'s ranking and that adapter's, the weight of "
+              "each row chosen on the other rows (an analysis, not a method); above the control alone, the LLM's "
+              "ranking holds something the control's does not.")
     for r in results:
         if "hr1_rank_vs_m0" in r:
             h, g = r["hr1_rank_vs_m0"], r["ndcg5_vs_m0"]

@@ -1,6 +1,7 @@
 """adaptrec.py: retrieval against brute force, no self and no future in what is retrieved,
 shared-prefix ranking against a plain full-sequence forward, the answer-only loss, selection
 rules, and train / eval / recommend end to end on a tiny random model and tiny data."""
+import dataclasses
 import json
 import os
 
@@ -193,6 +194,52 @@ def test_selection_rules():
     assert dis["top_1_differs"] == 1.0 and dis["mean_overlap"] == 2.0 and dis["top_m_set_differs"] == 0.0
 
 
+def synthetic_rows(n, rng):
+    """n rows of 20 candidates with the target at a random slot."""
+    rows = []
+    for k in range(n):
+        cands = list(range(20 * k, 20 * k + 20))
+        rows.append(data.SeqRow(user=k, history=[], target=cands[rng.integers(20)], ts=0, split="test", candidates=cands))
+    return rows
+
+
+def test_mixed_ranks_find_what_the_llm_adds_and_nothing_else():
+    """A weighted Borda count chosen leave-one-row-out: an LLM that knows the target in rows where
+    the control does not lifts NDCG above the control's; noise does not; a constant LLM gives the
+    control's ranks exactly; a row's weight never depends on its own answer; and the ranks equal a
+    brute-force Borda count in exact fractions from eval's average ranks."""
+    from fractions import Fraction
+    import eval as metrics
+    rng = np.random.default_rng(0)
+    rows = synthetic_rows(300, rng)
+    hot = np.zeros((300, 20))
+    for k, r in enumerate(rows):
+        hot[k, r.candidates.index(r.target)] = 1
+    knows_c, knows_l = rng.random(300) < 0.5, rng.random(300) < 0.5
+    control = rng.normal(size=(300, 20)) + 4 * hot * knows_c[:, None]
+    useful = rng.normal(size=(300, 20)) + 4 * hot * knows_l[:, None]
+    noise = rng.normal(size=(300, 20))
+    alone = adaptrec.target_ranks(rows, control)
+    with_useful, w, by_weight = adaptrec.mixed_ranks(rows, control, useful)
+    with_noise, w_noise, _ = adaptrec.mixed_ranks(rows, control, noise)
+    assert metrics.ndcg_at_k(with_useful, 5) > metrics.ndcg_at_k(alone, 5) + 0.03 and w.mean() > 0.2
+    assert abs(metrics.ndcg_at_k(with_noise, 5) - metrics.ndcg_at_k(alone, 5)) < 0.02 and w_noise.mean() < 0.2
+    same = adaptrec.mixed_ranks(rows, control, np.zeros((300, 20)))[0]
+    assert (same == alone).all() and (by_weight[0] == alone).all()   # w = 0: the control's ranking
+    few = rows[:4]                                      # a row's answer moves to any slot: its own weight stays
+    w_few = adaptrec.mixed_ranks(few, control[:4], useful[:4])[1]
+    for k in range(4):
+        for c in few[k].candidates:
+            moved = [dataclasses.replace(r, target=c) if i == k else r for i, r in enumerate(few)]
+            assert adaptrec.mixed_ranks(moved, control[:4], useful[:4])[1][k] == w_few[k]
+    for k in range(30):
+        pc, pl = metrics._avg_ranks(control[k]), metrics._avg_ranks(useful[k])
+        wk = Fraction(w[k]).limit_denominator(20)
+        mix = [(1 - wk) * Fraction(a) + wk * Fraction(b) + Fraction(b) / 1000 for a, b in zip(pc, pl)]
+        t = rows[k].candidates.index(rows[k].target)
+        assert with_useful[k] == sum(mix[i] >= mix[t] for i in range(20) if i != t)
+
+
 def test_demo_overlap_counts_shared_items_and_target():
     pool = adaptrec.Pool(np.array([5, 6, 7]), [[1, 2, 9, 11], [2, 3, 4], [7, 8, 1]], [[1, 2, 3, 4], [1, 2, 3], [1, 2, 3]])
     r1 = data.SeqRow(user=0, history=[1, 2, 3], target=9, ts=10, split="test", candidates=[])
@@ -244,11 +291,21 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     methods = [(r["method"], r["m"], r["select"]) for r in res["rows"]]
     controls = ["Pop (t)", "DemoVote (M=2, llm)", "DemoVote (M=2, embed)", "DemoVote (M=2, random)", "TitlePrior (base)",
                 "Pop", "SASRec"]
+    best = res["best_control"]
+    analyses = [f"{best} + M={m} ({how})" for m, how in ((0, "none"), (2, "llm"), (2, "random"))]
     assert methods == [("AdaptRec", 0, "none"), ("AdaptRec", 2, "llm"), ("AdaptRec", 2, "random")] + \
-        [(c, None, None) for c in controls]
+        [(c, None, None) for c in controls] + [(x, None, None) for x in analyses]
+    best_ranks = np.array(next(r["target_ranks"] for r in res["rows"] if r["method"] == best))
+    for r in res["rows"][-3:]:                             # LLM + best control, against the control alone
+        assert r["kind"] == "analysis" and sum(r["llm_weight_rows"].values()) == 5
+        assert [x["w"] for x in r["in_sample_by_weight"]] == [j / 20 for j in range(21)]
+        assert r["in_sample_by_weight"][0]["hr1_rank"] >= np.mean(best_ranks == 0)   # w = 0: the control, ties by the LLM
+        d = r["hr1_rank_vs_best_control"]
+        assert d["vs"] == best and d["diff"] == pytest.approx(np.mean(np.array(r["target_ranks"]) == 0) -
+                                                               np.mean(best_ranks == 0), abs=1e-4)
     for r in res["rows"]:
         assert r["n"] == 5 and 0 <= r["hr1"] <= r["valid_ratio"] <= 1 and 0 <= r["ndcg5"] <= 1
-    assert res["best_control"] in controls
+    assert best in controls
     for r in res["rows"][:3]:
         d = r["hr1_rank_vs_best_control"]
         assert d["vs"] == res["best_control"] and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
