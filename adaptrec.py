@@ -797,12 +797,13 @@ def control_scores(s: Setup, rows: list, units_by_config: dict, sasrec_epochs: i
     return out
 
 
-def mixed_ranks(rows: list, control: np.ndarray, llm: np.ndarray, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def mixed_ranks(rows: list, control: np.ndarray, llm: np.ndarray,
+                steps: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Does the LLM's ranking hold anything the control's does not? Target ranks under a weighted
     Borda count of the two rankings of each row's 20 candidates, (1 - w) * the control's points +
     w * the LLM's (points: candidates ranked below, ties half), w in 0, 1/steps, .., 1, what the
-    sum leaves equal ordered by the LLM's points. Each row's w is the one with the best NDCG@20 on the OTHER rows (leave one
-    row out), so no row's rank comes from a fit on its own answer. An analysis, not a method: it
+    sum leaves equal ordered by the LLM's points. Each row's w is the one with the best NDCG@20 on
+    the OTHER rows (leave one row out), so no row's rank comes from a fit on its own answer. An analysis, not a method: it
     fits on test rows. w = 0 is the control's own ranking, so above the control alone means the
     LLM's ranking carries something the control's does not. On few rows (80) with a flat curve
     over w, the other rows' choice is noisy and can land below both rankings: it is a
