@@ -22,9 +22,12 @@ history and is asked for a similarity from 1 to 9; instead of parsing text we re
 distribution over the nine digit tokens and take the expected rating. The M (5) best are kept,
 ties in stage-1 order. Each user pair is one continuation of a shared prefix (the target's
 history), all N in one batch. Judgements are cached on disk per row, model, data and prompt
-templates (prompt_key). `--select embed` keeps the stage-1 order, `--select random` draws M eligible users at random (the "no retrieval"
-ablation). The judge is the untuned base model (the public code refreshes it from the adapter
-in training; we keep it fixed so that train and eval see the same selections).
+templates (prompt_key). Selections (`--configs M:SELECT`): `llm`, the untuned base model judges,
+once, so train and eval see the same judge; `self`, the paper's self-adaptive selection, the
+adapter being tuned judges (SelfJudge: every --judge-refresh steps its current weights rate the
+rows of the coming steps; at eval the kept adapter rates the test rows; the public code
+refreshes its judge from the adapter every 1,000 batches); `embed` keeps the stage-1 order;
+`random` draws M eligible users at random (the "no retrieval" ablation).
 
 Stage 3, recommendation. The prompt: a system line, one line per selected user ("Similar user
 k has watched A, B, C. Based on this, they chose X next.", the least similar first so that the
@@ -59,6 +62,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -73,7 +77,7 @@ import generate
 import model as llama
 from tokenizer import ChatML, Tokenizer
 import train as trainer
-from fetch import atomic_path, write_json
+from fetch import atomic_path, sha256, write_json
 
 # Templates: {item}, {items}, {do}, {did}, {done} are the data set's words (data.Words).
 SYSTEM = ("Recommend the {item} the user will {do} next. Answer with exactly one title from the "
@@ -81,7 +85,7 @@ SYSTEM = ("Recommend the {item} the user will {do} next. Answer with exactly one
 JUDGE_SYSTEM = ("Compare the {item} tastes of two users from the {items} they {did}. Rate how similar the tastes "
                 "of user A and user B are, from 1 (not at all) to 9 (the same).\n\n")
 JUDGE_QUESTION = "How similar, from 1 to 9? Answer:"   # short: it is repeated in each of the N continuations
-SELECTIONS = ("llm", "embed", "random")
+SELECTIONS = ("llm", "self", "embed", "random")
 
 
 def log_fn(s):
@@ -314,14 +318,14 @@ def judge_cache_ok(saved) -> bool:
 
 class Selector:
     """Stage 2 over stage 1's lists; the LLM's ratings are cached in a JSON file per model,
-    data and prompt (the key)."""
+    data and prompt (the key), or only in memory where path is None."""
 
     def __init__(self, d, pool, model, tok, path: str, key: str, judge_history: int = 5, log=None,
                  chat: ChatML | None = None):
         self.d, self.pool, self.model, self.tok, self.path, self.log, self.chat = d, pool, model, tok, path, log, chat
         self.key, self.judge_history, self.digits = key, judge_history, rating_ids(tok, chat is not None)
         self.scores = {}
-        if os.path.exists(path):
+        if path and os.path.exists(path):
             try:
                 with open(path) as f:
                     saved = json.load(f)
@@ -334,6 +338,8 @@ class Selector:
                 self.scores = saved["rows"]
 
     def save(self):
+        if not self.path:
+            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         write_json({"model": self.key, "rows": self.scores}, self.path)
 
@@ -359,7 +365,7 @@ class Selector:
         ranked = [u for u, _ in retrieved[row_key(r)]]
         if how == "embed":
             return ranked[:m]
-        if how == "llm":
+        if how in ("llm", "self"):                  # self: the same rule, this Selector's model an adapter
             rating = self.scores[row_key(r)]["rating"]
             order = sorted(range(len(ranked)), key=lambda k: (-rating[k], k))   # ties: stage-1 order
             return [ranked[k] for k in order[:m]]
@@ -646,11 +652,20 @@ def demo_overlap(pool: Pool, rows: list, units_by_row: dict) -> dict:
             "demo_has_target": round(sum(r.target in s for r, s in zip(rows, seen)) / n, 4)}
 
 
-def demonstrations(s: Setup, rows: list, retrieved: dict, m: int, how: str, seed: int) -> dict:
-    """row_key -> units of the row's demonstrations (stage 2 over stage 1's `retrieved`, base model)."""
-    if how == "llm" and m > 0:
-        s.selector.rate(rows, retrieved)
-    return {row_key(r): s.selector.select(r, retrieved, m, how, seed, s.retriever.allowed(r) if how == "random" else None)
+def judge_with(s: Setup, model, path: str | None, key: str) -> Selector:
+    """A stage-2 judge with the base judge's prompt and settings and another model (selection
+    `self`: an adapter); its ratings are cached at path under key (path None: in memory)."""
+    return Selector(s.d, s.pool, model, s.tok, path, key, s.selector.judge_history, log_fn, s.selector.chat)
+
+
+def demonstrations(s: Setup, rows: list, retrieved: dict, m: int, how: str, seed: int,
+                   judge: Selector | None = None) -> dict:
+    """row_key -> units of the row's demonstrations: stage 2 over stage 1's `retrieved`, rated by
+    `judge` (default the base model's; selection `self` passes the adapter's, judge_with)."""
+    judge = judge or s.selector
+    if how in ("llm", "self") and m > 0:
+        judge.rate(rows, retrieved)
+    return {row_key(r): judge.select(r, retrieved, m, how, seed, s.retriever.allowed(r) if how == "random" else None)
             for r in rows}
 
 
@@ -678,7 +693,7 @@ def adapter_dir(out: str, m: int, how: str) -> str:
 
 def add_train_args(p):
     p.add_argument("--configs", default="0,5:llm", help="comma-separated M:SELECT, one adapter each, trained on the "
-                   "same rows (0 = no demonstrations); all selections: 0,5:llm,5:embed,5:random")
+                   "same rows (0 = no demonstrations); all selections: 0,5:llm,5:self,5:embed,5:random")
     p.add_argument("--train-rows", type=trainer.count(0), default=64, help="training rows drawn from all users' train parts (0 = all)")
     p.add_argument("--val-rows", type=trainer.count(0), default=0, help="validation rows (users' second-last items), ranked at each "
                    "validation to keep the best adapter (0 = no validation: the final adapter is used)")
@@ -689,31 +704,73 @@ def add_train_args(p):
     p.add_argument("--objective", choices=("nll", "listwise", "both"), default="nll", help="nll: the target title's "
                    "token cross-entropy; listwise: cross-entropy over the 20 candidates' sequence log-likelihoods after "
                    "one shared prompt (what the ranking reads; one forward per row, ~1.5x the tokens); both: their sum")
+    p.add_argument("--judge-refresh", type=trainer.count(1), default=16, help="selection self: steps between "
+                   "refreshes of the stage-2 judge from the adapter being tuned (each row is judged once per epoch, by "
+                   "the weights its round began with, whatever the interval; public code: 1,000 batches)")
     trainer.add_args(p, batch_size=4, lr=1e-3, lora_r=16, lora_dropout=0.0, resume_from="OUT/RUN",
                lr_help="paper: 2e-4 over 5 epochs of the full data; few steps here")
+
+
+class SelfJudge:
+    """Selection `self` in training, as trainer.train's before_step: at the first step of each
+    round of `every` steps, the adapter's current weights rate the rows of the round's steps, and
+    their examples are rebuilt with the M best. A round's ratings are kept in
+    RUN/judge/round-<r>.json, so a run resumed inside a round reads the ratings of the weights the
+    round began with."""
+
+    def __init__(self, s: Setup, m: int, rows: list, retrieved: dict, examples: list, cfg, every: int, seed: int):
+        self.s, self.m, self.rows, self.retrieved, self.examples = s, m, rows, retrieved, examples
+        self.cfg, self.every, self.seed, self.ready = cfg, every, seed, None      # ready: the round built
+
+    def __call__(self, step: int, model):
+        r = step // self.every
+        if r == self.ready:
+            return
+        end = min((r + 1) * self.every, self.cfg.steps)
+        idx = sorted({i for t in range(step, end) for i in trainer.batch_indices(t, len(self.rows), self.cfg)})
+        rows = [self.rows[i] for i in idx]
+        log_fn(f"[adaptrec] self-adaptive judge, round {r}: the adapter of step {r * self.every} rates the "
+               f"{len(rows)} rows of steps {step + 1}-{end}")
+        path = os.path.join(self.cfg.out_dir, "judge", f"round-{r:05d}.json")
+        units = demonstrations(self.s, rows, self.retrieved, self.m, "self", self.seed,
+                               judge_with(self.s, model, path, f"{self.s.selector.key}-round{r}"))
+        for i, row in zip(idx, rows):
+            self.examples[i] = make_example(self.s.prompter, row, units[row_key(row)])
+        self.ready = r
 
 
 def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list, retrieved: dict) -> dict:
     """Tune one adapter, on a fresh copy of the base model, with M = m demonstrations chosen by `how`."""
     t0 = time.time()
-    units_by_row = demonstrations(s, train_rows + val_rows, retrieved, m, how, a.seed)
-    if how == "llm":
-        dis = s.selector.disagreement(train_rows, retrieved, m)
-        log_fn(f"[adaptrec] stage 2 vs stage 1 on the training rows: top-{m} sets differ on "
-               f"{dis['top_m_set_differs']:.1%}, top-1 on {dis['top_1_differs']:.1%}")
-    examples = [make_example(s.prompter, r, units_by_row[row_key(r)]) for r in train_rows]
-    steps = max(1, round(len(examples) * a.epochs / a.batch_size))
-    log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
-           f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
+    steps = max(1, round(len(train_rows) * a.epochs / a.batch_size))
     model = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain)[0]
     trainer.make_trainable(model, trainer.lora_from_args(a))
     cfg = trainer.config_from_args(a, os.path.join(a.out, run_name(m, how)), steps)
     fit_rows, fit_log = train_rows[:a.fit_rows], os.path.join(cfg.out_dir, "fit.jsonl")
     if not a.resume and os.path.exists(fit_log):            # a fresh run's log starts empty; --resume appends
         os.remove(fit_log)
+    if how == "self":              # examples built round by round by the adapter's own judgements
+        if not a.resume:
+            shutil.rmtree(os.path.join(cfg.out_dir, "judge"), ignore_errors=True)
+        examples, units_by_row = [None] * len(train_rows), None
+        before_step = SelfJudge(s, m, train_rows, retrieved, examples, cfg, a.judge_refresh, a.seed)
+        log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows, {steps} steps, the judge refreshed "
+               f"from the adapter every {a.judge_refresh} steps; validating on {len(val_rows)} rows")
+    else:
+        units_by_row, before_step = demonstrations(s, train_rows + val_rows, retrieved, m, how, a.seed), None
+        if how == "llm":
+            dis = s.selector.disagreement(train_rows, retrieved, m)
+            log_fn(f"[adaptrec] stage 2 vs stage 1 on the training rows: top-{m} sets differ on "
+                   f"{dis['top_m_set_differs']:.1%}, top-1 on {dis['top_1_differs']:.1%}")
+        examples = [make_example(s.prompter, r, units_by_row[row_key(r)]) for r in train_rows]
+        log_fn(f"[adaptrec] {run_name(m, how)}: training on {len(examples)} rows (mean "
+               f"{np.mean([len(e.ids) for e in examples]):.0f} tokens), {steps} steps; validating on {len(val_rows)} rows")
 
     def ndcg20(mod, rows):          # the validation metric: smoother than HR@1 on a few rows
-        return metrics.ndcg_at_k(target_ranks(rows, answer_and_rank(mod, s.tok, s.prompter, rows, units_by_row,
+        units = units_by_row        # self: the adapter as it is now judges the rows, in memory
+        if how == "self":
+            units = demonstrations(s, rows, retrieved, m, how, a.seed, judge_with(s, mod, None, "validation"))
+        return metrics.ndcg_at_k(target_ranks(rows, answer_and_rank(mod, s.tok, s.prompter, rows, units,
                                                                     max_new_tokens=0)[1]), 20)
 
     def validate(mod):
@@ -730,7 +787,7 @@ def train_config(s: Setup, a, m: int, how: str, train_rows: list, val_rows: list
     summary = trainer.train(model, examples, objective, cfg, validate=validate if val_rows else None, resume=a.resume,
                       run_config={"method": "adaptrec", "m": m, "select": how, "args": vars(a),
                                   "train_rows": len(examples), "val_rows": len(val_rows)},
-                      base_model=a.model or "SmolLM2-135M-Instruct")
+                      base_model=a.model or "SmolLM2-135M-Instruct", before_step=before_step)
     log_fn(f"[adaptrec] {run_name(m, how)} done in {time.time() - t0:.0f}s; "
            + (f"best validation NDCG@20 {summary['best']}; " if val_rows else "")
            + f"adapter in {adapter_dir(a.out, m, how)}")
@@ -742,6 +799,8 @@ def cmd_train(a):
     configs = parse_configs(a.configs)
     if a.fit_rows and not a.val_rows:
         raise ValueError("--fit-rows is logged at each validation: give --val-rows too")
+    if trainer.dist_info()[1] > 1 and any(how == "self" for _, how in configs):
+        raise ValueError("selection self rebuilds each round's examples in one process: train it without torchrun")
     s = setup(a, log_fn)
     rng = random.Random(a.seed)
     train_rows = rng.sample(s.rows["train"], min(a.train_rows, len(s.rows["train"]))) if a.train_rows else s.rows["train"]
@@ -862,23 +921,19 @@ def cmd_eval(a):
     rows = sorted(rng.sample(s.rows["test"], min(a.eval_rows, len(s.rows["test"]))) if a.eval_rows else s.rows["test"],
                   key=lambda r: r.user)
     retrieved = s.retriever.retrieve(rows)
-    units_by_config = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs}
+    models = {c: evaluated_model(s, a, *c) for c in configs}        # None: no adapter, skipped
+    units_by_config = {(m, how): demonstrations(s, rows, retrieved, m, how, a.seed,
+                                                self_judge(s, a, models[(m, how)], m) if how == "self" else None)
+                       for m, how in configs if how != "self" or models[(m, how)] is not None}
     m_llm = next((m for m, h in configs if h == "llm"), 0)
     agree = s.selector.disagreement(rows, retrieved, m_llm) if m_llm else None
     controls = control_scores(s, rows, units_by_config, a.sasrec_epochs, a.seed, log_fn)
     ranks = {c: target_ranks(rows, sc) for c, sc in controls.items()}
     results, llm_scores = [], {}
-    for m, how in configs:
-        model, name = s.model, "base model (untuned)"
-        if not a.base:
-            path = adapter_dir(a.out, m, how)
-            if not trainer.is_saved(path):
-                log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
-                       f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
-                continue
-            trainer.check_tuned_like(os.path.join(a.out, run_name(m, how)),
-                                     {"--chat": (a.chat, False), "--score": (a.score, "sum")})
-            model, name = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0], "AdaptRec"
+    name = "base model (untuned)" if a.base else "AdaptRec"
+    for (m, how), model in models.items():
+        if model is None:
+            continue
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
         res, llm_scores[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
         ranks[(m, how)] = target_ranks(rows, llm_scores[(m, how)])
@@ -902,6 +957,31 @@ def cmd_eval(a):
                                        "ndcg5": round(metrics.ndcg_at_k(rk, 5), 4)} for j, rk in enumerate(by_weight)]
         results.append(row)
     report(results, agree, best, a, time.time() - t0)
+
+
+def evaluated_model(s: Setup, a, m: int, how: str):
+    """The model eval runs for configuration (m, how): the base model with --base, else its
+    adapter (None, said so, where it has none)."""
+    if a.base:
+        return s.model
+    path = adapter_dir(a.out, m, how)
+    if not trainer.is_saved(path):
+        log_fn(f"[adaptrec] skipping M={m} ({how}): no adapter in {os.path.join(a.out, run_name(m, how))} "
+               f"(run: python adaptrec.py train --configs {m}{':' + how if m else ''})")
+        return None
+    trainer.check_tuned_like(os.path.join(a.out, run_name(m, how)), {"--chat": (a.chat, False), "--score": (a.score, "sum")})
+    return generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0]
+
+
+def self_judge(s: Setup, a, model, m: int) -> Selector:
+    """Selection `self` at eval and recommend: the evaluated model (the kept adapter) judges; its
+    ratings are cached beside the base judge's under the adapter's hash."""
+    path = adapter_dir(a.out, m, "self")
+    weights = next((os.path.join(path, f) for f in ("adapter_model.safetensors", "model.safetensors")
+                    if os.path.exists(os.path.join(path, f))), None)
+    tag = sha256(weights)[:12] if weights and model is not s.model else "base"
+    base = os.path.basename(s.selector.path)          # names the base judge's model, data, prompts, --judge-history
+    return judge_with(s, model, os.path.join(a.out, "cache", f"self-{tag}-{base}"), f"{s.selector.key}-self-{tag}")
 
 
 def ranked_row(name: str, kind: str, ranks: np.ndarray) -> dict:
@@ -956,10 +1036,15 @@ def cmd_recommend(a):
     if row is None:
         sys.exit(f"error: user {a.user!r} has too short a history for a next-item row")
     retrieved = s.retriever.retrieve([row])
-    if a.select == "llm":
-        s.selector.rate([row], retrieved)
-    chosen = s.selector.select(row, retrieved, a.m, a.select, a.seed, s.retriever.allowed(row))
-    judged = s.selector.scores.get(row_key(row), {})
+    adapter = adapter_dir(a.out, a.m, a.select)
+    model = s.model
+    if trainer.is_saved(adapter):
+        model = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=adapter)[0]
+    else:
+        log_fn(f"[adaptrec] no adapter at {adapter}: answering with the base model (run: python adaptrec.py train)")
+    judge = self_judge(s, a, model, a.m) if a.select == "self" else s.selector
+    chosen = demonstrations(s, [row], retrieved, a.m, a.select, a.seed, judge)[row_key(row)]
+    judged = judge.scores.get(row_key(row), {})
     rating = {tuple(u): x for u, x in zip(judged.get("units", []), judged.get("rating", []))}
     print(f"user {a.user}, history (oldest first): {data.quoted_list(s.prompter.titles(row.history))}")
     print(f"stage 1: {len(retrieved[row_key(row)])} similar users (each cut at this user's next item's time)")
@@ -968,13 +1053,7 @@ def cmd_recommend(a):
         print(f" {mark} user {s.d.user_ids[s.pool.users[unit[0]]]:>6}  cosine {sim:.3f}  LLM rating "
               f"{rating.get(unit, float('nan')):.2f}  chose {data.quote(s.d.titles[s.pool.unit(unit)[-1]])}")
     print(f"stage 2 ({a.select}): {len(chosen)} demonstrations (*)")
-    adapter = adapter_dir(a.out, a.m, a.select)
-    if trainer.is_saved(adapter):
-        s.model = generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=adapter)[0]
-    else:
-        log_fn(f"[adaptrec] no adapter at {adapter}: answering with the base model (run: python adaptrec.py train)")
-    units_by_row = {row_key(row): chosen}
-    (answer,), (lp,) = answer_and_rank(s.model, s.tok, s.prompter, [row], units_by_row)
+    (answer,), (lp,) = answer_and_rank(model, s.tok, s.prompter, [row], {row_key(row): chosen})
     print(f"recommendation (generated): {answer}")
     print(f"candidates by {'log p(title)' if a.score == 'sum' else 'log p(title) per token'}:")
     for n, k in enumerate(torch.argsort(lp, descending=True).tolist(), 1):
@@ -995,7 +1074,7 @@ def main(argv=None):
     add_common(e)
     e.add_argument("--configs", default="0,5:llm",
                    help="comma-separated M:SELECT (0 = no demonstrations), each evaluated with its own adapter "
-                   "(OUT/m<M>-<select>); the full ablation, once trained: 0,1:llm,3:llm,5:llm,7:llm,5:embed,5:random")
+                   "(OUT/m<M>-<select>); the full ablation, once trained: 0,1:llm,3:llm,5:llm,7:llm,5:self,5:embed,5:random")
     e.add_argument("--eval-rows", type=trainer.count(0), default=80, help="test rows (one per user, drawn at random; 0 = all)")
     e.add_argument("--gen-batch", type=trainer.count(1), default=8, help="prompts per generation batch")
     e.add_argument("--sasrec-epochs", type=trainer.count(0), default=10, help="SASRec epochs at most, early-stopped on the valid "

@@ -418,12 +418,16 @@ def run_settings(cfg: TrainConfig, run_config: dict | None) -> dict:
 
 
 def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: bool = False,
-          run_config: dict | None = None, base_model: str = "") -> dict:
+          run_config: dict | None = None, base_model: str = "", before_step=None) -> dict:
     """Train the model's LoRA parameters (inject them first), or with no LoRA every parameter that
     requires grad (full fine-tuning). `validate(model) -> float` (higher is better) runs every
     cfg.eval_every steps and at the end; the best weights are kept in out_dir/best (save_trained). Checkpoints: out_dir/checkpoint.json + .safetensors. The run
     holds out_dir's lock throughout; a non-finite loss stops it with an error (nothing saved
-    from that step), and a non-finite validation metric never counts as best."""
+    from that step), and a non-finite validation metric never counts as best.
+    `before_step(step, model)` runs (in eval mode, no gradients) before each optimizer step, for
+    a caller whose examples depend on the model: it may rebuild the examples of the coming steps
+    in place (AdaptRec's self-adaptive judge). For an exact --resume it must give, from the
+    weights a checkpoint holds, the examples the uninterrupted run had."""
     if not examples:
         raise ValueError("no training examples")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.micro_batch < 1:
@@ -444,7 +448,7 @@ def train(model, examples, loss_fn, cfg: TrainConfig, validate=None, resume: boo
         remove_temporaries(cfg.out_dir)
     try:
         return _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params,
-                      opt, sched, settings)
+                      opt, sched, settings, before_step)
     finally:
         if lock:
             lock.release()
@@ -524,7 +528,7 @@ def log_step(log, step, steps, start, loss, lr, tokens, elapsed):
 
 
 def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_model, rank, world, params, opt, sched,
-           settings) -> dict:
+           settings, before_step) -> dict:
     start, best, pending = start_run(model, cfg, resume, run_config, rank, world, opt, sched, settings)
     model.grad_checkpoint = cfg.grad_checkpoint
     device_type = next(model.parameters()).device.type
@@ -544,6 +548,11 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
         if pending and validate is not None:         # the run was stopped inside this step's validation
             run_validation()
         while step < cfg.steps:
+            if before_step is not None:
+                model.eval()
+                with torch.no_grad():
+                    before_step(step, model)
+                model.train()
             idx = batch_indices(step, len(examples), cfg)[rank::world]
             loss_sum, n_tok = optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world, device_type)
             tokens += n_tok

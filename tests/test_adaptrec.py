@@ -1,6 +1,7 @@
 """adaptrec.py: retrieval against brute force, no self and no future in what is retrieved,
 shared-prefix ranking against a plain full-sequence forward, the answer-only loss, selection
-rules, and train / eval / recommend end to end on a tiny random model and tiny data."""
+rules, the self-adaptive judge against the base judge and across a resume, and train / eval /
+recommend end to end on a tiny random model and tiny data."""
 import dataclasses
 import json
 import os
@@ -405,3 +406,58 @@ def test_chat_prompts_end_to_end(dirs):
     assert res["rows"][0]["method"] == "AdaptRec" and 0 <= res["rows"][0]["valid_ratio"] <= 1
     with pytest.raises(SystemExit, match="was tuned with --chat True; this run has --chat False"):
         adaptrec.main(["eval", *common, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1", "--chat", "off"])
+
+
+def test_self_adaptive_judge_rates_each_round_with_the_adapter_and_resumes_exactly(dirs, monkeypatch, capsys):
+    """Selection self: round r's rows are rated by the adapter of step r * refresh (round 0: the
+    untuned model, so the base judge's ratings; later rounds: other ratings), each training row
+    once in one epoch; a run interrupted inside a round resumes to the uninterrupted run's
+    adapter; eval and recommend let the kept adapter judge."""
+    from safetensors.torch import load_file
+    model_dir, ds, out = dirs
+    common = ["--model", model_dir, "--dataset", ds, "--n", "4", "--prompt-budget", "1200"]
+    train = ["train", *common, "--train-rows", "8", "--val-rows", "2", "--batch-size", "2", "--micro-batch", "1",
+             "--judge-refresh", "2", "--eval-every", "2", "--save-every", "1", "--lr", "1e-2"]
+    adaptrec.main(train + ["--out", out, "--configs", "2:self"])
+    adaptrec.main(train + ["--out", out, "--configs", "2:llm", "--epochs", "0.25"])    # the base judge, on the same rows
+    cache = os.path.join(out, "cache")
+    base = json.load(open(next(os.path.join(cache, f) for f in os.listdir(cache) if f.startswith("judge"))))["rows"]
+    rounds = [json.load(open(os.path.join(out, "m2-self", "judge", f"round-{r:05d}.json")))["rows"] for r in (0, 1)]
+    assert sorted(os.listdir(os.path.join(out, "m2-self", "judge"))) == ["round-00000.json", "round-00001.json"]
+    assert [len(x) for x in rounds] == [4, 4] and not set(rounds[0]) & set(rounds[1])    # 4 steps of 2, 1 epoch
+    assert len(base) == 10 and set(rounds[0]) | set(rounds[1]) < set(base)               # the 8 training rows
+    for k, v in rounds[0].items():                                    # the adapter at step 0 is the base model
+        assert v["units"] == base[k]["units"] and v["rating"] == pytest.approx(base[k]["rating"], abs=1e-3)
+    moved = [abs(x - y) for k, v in rounds[1].items() for x, y in zip(v["rating"], base[k]["rating"])]
+    assert max(moved) > 1e-3                                          # the adapter of step 2 judges otherwise
+
+    calls = {"n": 0}
+    nll = adaptrec.loss_fn
+
+    def interrupted(model, batch):                 # a Ctrl-C at step 4, inside round 1 (2 micro-batches a step)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return nll(model, batch)
+    out2 = os.path.join(os.path.dirname(out), "out2")
+    monkeypatch.setattr(adaptrec, "loss_fn", interrupted)
+    with pytest.raises(SystemExit):
+        adaptrec.main(train + ["--out", out2, "--configs", "2:self"])
+    assert json.load(open(os.path.join(out2, "m2-self", "checkpoint.json")))["step"] == 3
+    monkeypatch.setattr(adaptrec, "loss_fn", nll)
+    adaptrec.main(train + ["--out", out2, "--configs", "2:self", "--resume"])
+    a, b = (load_file(os.path.join(o, "m2-self", "final", "adapter_model.safetensors")) for o in (out, out2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    adaptrec.main(["eval", *common, "--out", out, "--configs", "2:llm,2:self", "--eval-rows", "5", "--sasrec-epochs", "0"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    methods = [(r["method"], r["select"]) for r in res["rows"]]
+    assert ("AdaptRec", "self") in methods and ("DemoVote (M=2, self)", None) in methods
+    test_keys = set(json.load(open(next(os.path.join(cache, f) for f in os.listdir(cache)
+                                        if f.startswith("judge"))))["rows"]) - set(base)
+    kept = next(f for f in os.listdir(cache) if f.startswith("self-"))
+    judged = json.load(open(os.path.join(cache, kept)))
+    assert set(judged["rows"]) == test_keys and len(test_keys) == 5 and judged["model"].endswith(kept.split("-")[1])
+    capsys.readouterr()
+    adaptrec.main(["recommend", *common, "--out", out, "--user", "3", "--m", "2", "--select", "self"])
+    assert "stage 2 (self): 2 demonstrations" in capsys.readouterr().out
