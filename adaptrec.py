@@ -921,27 +921,27 @@ def cmd_eval(a):
     rows = sorted(rng.sample(s.rows["test"], min(a.eval_rows, len(s.rows["test"]))) if a.eval_rows else s.rows["test"],
                   key=lambda r: r.user)
     retrieved = s.retriever.retrieve(rows)
-    models = {c: evaluated_model(s, a, *c) for c in configs}        # None: no adapter, skipped
-    units_by_config = {(m, how): demonstrations(s, rows, retrieved, m, how, a.seed,
-                                                self_judge(s, a, models[(m, how)], m) if how == "self" else None)
-                       for m, how in configs if how != "self" or models[(m, how)] is not None}
+    units = {c: demonstrations(s, rows, retrieved, *c, a.seed) for c in configs if c[1] != "self"}
     m_llm = next((m for m, h in configs if h == "llm"), 0)
     agree = s.selector.disagreement(rows, retrieved, m_llm) if m_llm else None
-    controls = control_scores(s, rows, units_by_config, a.sasrec_epochs, a.seed, log_fn)
-    ranks = {c: target_ranks(rows, sc) for c, sc in controls.items()}
-    results, llm_scores = [], {}
+    results, llm_scores, llm_ranks = [], {}, {}
     name = "base model (untuned)" if a.base else "AdaptRec"
-    for (m, how), model in models.items():
+    for m, how in configs:                                  # one model in memory at a time
+        model = evaluated_model(s, a, m, how)
         if model is None:
             continue
+        if how == "self":                                   # the kept adapter judges the test rows
+            units[(m, how)] = demonstrations(s, rows, retrieved, m, how, a.seed, self_judge(s, a, model, m))
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
-        res, llm_scores[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units_by_config[(m, how)], a.gen_batch, log_fn)
-        ranks[(m, how)] = target_ranks(rows, llm_scores[(m, how)])
+        res, llm_scores[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units[(m, how)], a.gen_batch, log_fn)
+        llm_ranks[(m, how)] = target_ranks(rows, llm_scores[(m, how)])
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
-                        **demo_overlap(s.pool, rows, units_by_config[(m, how)]),
-                        "target_ranks": ranks[(m, how)].tolist()})   # per row, 0 = first: pairs can be compared later
+                        **demo_overlap(s.pool, rows, units[(m, how)]),
+                        "target_ranks": llm_ranks[(m, how)].tolist()})   # per row, 0 = first: pairs can be compared later
         log_fn(f"[adaptrec]   HR@1 {res['hr1']:.4f} (valid {res['valid_ratio']:.3f}), ranked HR@1 {res['hr1_rank']:.4f}, "
                f"NDCG@5 {res['ndcg5']:.4f}")
+    controls = control_scores(s, rows, {c: units[c] for c in configs if c in units}, a.sasrec_epochs, a.seed, log_fn)
+    ranks = {**{c: target_ranks(rows, sc) for c, sc in controls.items()}, **llm_ranks}
     if not results:
         raise FileNotFoundError(f"no adapter for any of --configs {a.configs} in {a.out}: run `python adaptrec.py train` "
                                 "first, or pass --base")
