@@ -498,13 +498,19 @@ def optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world
     return loss_sum, tokens
 
 
+def in_eval_mode(model, fn, *args):
+    """fn(*args) with the model in eval mode and no gradients, then back in training mode."""
+    model.eval()
+    with torch.no_grad():
+        out = fn(*args)
+    model.train()
+    return out
+
+
 def validate_and_save(model, validate, best, step, out_dir, base_model, rank, log):
     """Run `validate` (in eval mode, no gradients); save best/ when the metric beats `best`; log
     it. Returns the best metric so far. A metric that is not finite is never best."""
-    model.eval()
-    with torch.no_grad():
-        metric = float(validate(model))
-    model.train()
+    metric = float(in_eval_mode(model, validate, model))
     improved = math.isfinite(metric) and (best is None or metric > best)
     if improved:
         best = metric
@@ -549,10 +555,7 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
             run_validation()
         while step < cfg.steps:
             if before_step is not None:
-                model.eval()
-                with torch.no_grad():
-                    before_step(step, model)
-                model.train()
+                in_eval_mode(model, before_step, step, model)
             idx = batch_indices(step, len(examples), cfg)[rank::world]
             loss_sum, n_tok = optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world, device_type)
             tokens += n_tok
