@@ -77,7 +77,7 @@ import generate
 import model as llama
 from tokenizer import ChatML, Tokenizer
 import train as trainer
-from fetch import atomic_path, sha256, write_json
+from fetch import atomic_path, sha256, write_json, write_results
 
 # Templates: {item}, {items}, {do}, {did}, {done} are the data set's words (data.Words).
 SYSTEM = ("Recommend the {item} the user will {do} next. Answer with exactly one title from the "
@@ -1018,10 +1018,8 @@ def report(results: list, agree: dict | None, best: str, a, elapsed: float):
     if agree:
         print(f"stage 2 vs stage 1 (M={agree['m']}): top-M sets differ on {agree['top_m_set_differs']:.1%} of rows, "
               f"top-1 on {agree['top_1_differs']:.1%}; mean overlap {agree['mean_overlap']:.2f} of {agree['m']}")
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "results.json")
-    write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "best_control": best,
-                  "rows": results}, path)
+    path = write_results({"config": vars(a), "elapsed_s": round(elapsed, 1), "selection": agree, "best_control": best,
+                          "rows": results}, a.out)
     log_fn(f"[adaptrec] wrote {path} ({elapsed:.0f}s)")
 
 

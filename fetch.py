@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 
@@ -91,6 +92,19 @@ def write_json(obj, path: str):
     """JSON written atomically (see atomic_path)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+
+
+def write_results(obj: dict, out: str) -> str:
+    """An eval's results: OUT/results.json holds the latest (written atomically), and each eval
+    also appends its record, stamped with the time, as one line of OUT/results.jsonl, so an eval
+    with other flags never loses an earlier one. Returns results.json's path."""
+    os.makedirs(out, exist_ok=True)
+    obj = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **obj}
+    with open(os.path.join(out, "results.jsonl"), "a") as f:
+        f.write(json.dumps(obj, default=str) + "\n")
+    path = os.path.join(out, "results.json")
+    write_json(obj, path)
+    return path
 
 
 def sha256(path: str) -> str:

@@ -45,7 +45,7 @@ import eval as metrics
 import generate
 from tokenizer import ChatML, Tokenizer
 import train as trainer
-from fetch import write_json
+from fetch import write_results
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -712,10 +712,8 @@ def report(results, diffs, best, a, elapsed):
                         "mf_per_period": [round(g, 4) for g in mf_gains], "definition": PDM_DEFINITION})
         print(f"PDM = {summary[-1]['pdm']:+.4f} (per period {summary[-1]['per_period']}); the same for MF: "
               f"{summary[-1]['mf_update_gain']:+.4f} (per period {summary[-1]['mf_per_period']}). {PDM_DEFINITION}")
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "results.json")
-    write_json({"config": vars(a), "elapsed_s": round(elapsed, 1), "best_control": best, "summary": summary,
-                  "rows": results}, path)
+    path = write_results({"config": vars(a), "elapsed_s": round(elapsed, 1), "best_control": best, "summary": summary,
+                          "rows": results}, a.out)
     log_fn(f"[recicl] wrote {path} ({elapsed:.0f}s)")
 
 

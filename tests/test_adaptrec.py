@@ -327,6 +327,9 @@ def test_train_eval_recommend_end_to_end(dirs, capsys):
     adaptrec.main(args)                                    # same rows, candidates and demonstrations: same numbers
     again = json.load(open(os.path.join(out, "results.json")))
     assert [r["ndcg5"] for r in again["rows"]] == [r["ndcg5"] for r in res["rows"]]
+    history = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]   # each eval kept, in order
+    assert [h["finished"] for h in history] == [res["finished"], again["finished"]]
+    assert history[0]["rows"] == res["rows"] and history[1]["rows"] == again["rows"]
     adaptrec.main(["train", *common, "--out", os.path.join(out, "noval"), "--configs", "2:embed", "--train-rows", "4",
             "--batch-size", "4", "--epochs", "1", "--objective", "both", "--score", "mean"])
     assert adaptrec.adapter_dir(os.path.join(out, "noval"), 2, "embed").endswith("final")
