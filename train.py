@@ -501,10 +501,11 @@ def optimizer_step(model, examples, idx, loss_fn, cfg, params, opt, sched, world
 def in_eval_mode(model, fn, *args):
     """fn(*args) with the model in eval mode and no gradients, then back in training mode."""
     model.eval()
-    with torch.no_grad():
-        out = fn(*args)
-    model.train()
-    return out
+    try:
+        with torch.no_grad():
+            return fn(*args)
+    finally:
+        model.train()
 
 
 def validate_and_save(model, validate, best, step, out_dir, base_model, rank, log):
