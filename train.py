@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -363,7 +364,10 @@ def remove_temporaries(out_dir: str):
 def run_cli(commands: dict, a, locked=("train", "eval")):
     """Run commands[a.cmd](a) as recicl.py and adaptrec.py do: commands that write under --out
     hold its lock throughout; every expected failure ends in one `error:` line, Ctrl-C in a
-    note and exit code 130 (a training run has saved its checkpoint by then)."""
+    note and exit code 130 (a training run has saved its checkpoint by then). SIGTERM (`kill`, a
+    batch scheduler's stop) is taken as Ctrl-C: a run started in the background from a script
+    ignores SIGINT, and `kill` is then the only way to stop it."""
+    on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         lock = RunLock(a.out) if a.cmd in locked else None
         try:
@@ -371,11 +375,16 @@ def run_cli(commands: dict, a, locked=("train", "eval")):
         finally:
             if lock:
                 lock.release()
+            signal.signal(signal.SIGTERM, on_sigterm)
     except (OSError, ValueError, RuntimeError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         print("interrupted (a training run saved its checkpoint: continue with --resume)", file=sys.stderr)
         sys.exit(130)
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 class RunLock:

@@ -263,6 +263,56 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import argparse, os, sys, time, torch
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import lora, model as llama, train as trainer
+    from test_train import pattern_examples, lm_loss
+    calls = {{"n": 0}}
+
+    def loss(model, ex):                  # a call a micro-batch, two a step: the third call is in step 2;
+        calls["n"] += 1                   # it tells the test so and waits for the signal
+        if calls["n"] == 3:
+            open(os.path.join({out!r}, "in-step-2"), "w").close()
+            time.sleep(120)
+        return lm_loss(model, ex)
+
+    def cmd_train(a):
+        m = llama.load({path!r})
+        torch.manual_seed(0)
+        lora.inject(m, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+        trainer.train(m, pattern_examples(), loss, trainer.TrainConfig(out_dir=os.path.join(a.out, "m"), steps=10, batch_size=2,
+                      save_every=100))
+    trainer.run_cli({{"train": cmd_train}}, argparse.Namespace(cmd="train", out={out!r}))
+""")
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_untied, tmp_path):
+    """A run started in the background from a script ignores SIGINT, so `kill` (SIGTERM) is how
+    it is stopped: it must save the finished steps and exit as Ctrl-C does, not die unsaved."""
+    import signal
+    import time
+    path, _ = tiny_untied
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "run.py"
+    script.write_text(SIGTERM_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), path=path, out=str(out)))
+    p = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while not (out / "in-step-2").exists():
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "no step 2"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)                 # ignored, as in a background run
+    time.sleep(0.5)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err[-3000:]
+    assert "checkpoint of step 1 saved" in err             # the finished step; step 2 runs again on --resume
+    assert json.load(open(out / "m" / "checkpoint.json"))["step"] == 1
+
+
 def test_torchrun_two_processes_equal_one(tiny_untied, tmp_path):
     path, _ = tiny_untied
     outs = {}
