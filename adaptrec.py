@@ -933,7 +933,7 @@ def cmd_eval(a):
         if how == "self":                                   # the kept adapter judges the test rows
             units[(m, how)] = demonstrations(s, rows, retrieved, m, how, a.seed, self_judge(s, a, model, m))
         log_fn(f"[adaptrec] {name}, M={m} ({how}): {len(rows)} rows ({time.time() - t0:.0f}s so far)")
-        res, llm_scores[(m, how)] = evaluate(model, s.tok, s.prompter, rows, units[(m, how)], a.gen_batch, log_fn)
+        res, llm_scores[(m, how)] = evaluate_once(s, a, m, how, model, rows, units[(m, how)])
         llm_ranks[(m, how)] = target_ranks(rows, llm_scores[(m, how)])
         results.append({"method": name, "kind": "llm", "m": m, "select": how, **res,
                         **demo_overlap(s.pool, rows, units[(m, how)]),
@@ -973,12 +973,42 @@ def evaluated_model(s: Setup, a, m: int, how: str):
     return generate.load_model(a.model, dtype=a.dtype, device=a.device, plain=a.plain, tuned=path)[0]
 
 
+def evaluate_once(s: Setup, a, m: int, how: str, model, rows: list, units_by_row: dict) -> tuple[dict, np.ndarray]:
+    """evaluate(), kept in OUT/cache/eval-<run>.json under a key of all its scores depend on (base
+    model, adapter weights, every prompt and candidate answer, --score, dtype, device): an eval
+    killed after some configurations redoes only the rest, and one repeated unchanged reads its
+    scores back."""
+    weights = "base" if a.base else sha256(weights_file(adapter_dir(a.out, m, how)))
+    p = next(model.parameters())
+    key = hashlib.sha256(json.dumps([
+        model_key(s.model), weights, a.score, str(p.dtype), p.device.type,
+        [s.prompter.ids(r, units_by_row[row_key(r)]) for r in rows],
+        [[s.prompter.answer(c) for c in r.candidates] for r in rows], [r.candidates.index(r.target) for r in rows],
+    ]).encode()).hexdigest()
+    path = os.path.join(a.out, "cache", f"eval-{'base-' if a.base else ''}{run_name(m, how)}.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            log_fn(f"[adaptrec]   scores read back from {path} (same adapter, prompts and settings)")
+            return saved["result"], np.array(saved["scores"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass                                            # none yet, or unreadable: evaluate again
+    res, scores = evaluate(model, s.tok, s.prompter, rows, units_by_row, a.gen_batch, log_fn)
+    write_json({"key": key, "result": res, "scores": scores.tolist()}, path)
+    return res, scores
+
+
+def weights_file(path: str) -> str | None:
+    """The tuned weights in a saved adapter (LoRA) or model (--full) directory."""
+    return next((os.path.join(path, f) for f in ("adapter_model.safetensors", "model.safetensors")
+                 if os.path.exists(os.path.join(path, f))), None)
+
+
 def self_judge(s: Setup, a, model, m: int) -> Selector:
     """Selection `self` at eval and recommend: the evaluated model (the kept adapter) judges; its
     ratings are cached beside the base judge's under the adapter's hash."""
-    path = adapter_dir(a.out, m, "self")
-    weights = next((os.path.join(path, f) for f in ("adapter_model.safetensors", "model.safetensors")
-                    if os.path.exists(os.path.join(path, f))), None)
+    weights = weights_file(adapter_dir(a.out, m, "self"))
     tag = sha256(weights)[:12] if weights and model is not s.model else "base"
     base = os.path.basename(s.selector.path)          # names the base judge's model, data, prompts, --judge-history
     return judge_with(s, model, os.path.join(a.out, "cache", f"self-{tag}-{base}"), f"{s.selector.key}-self-{tag}")

@@ -358,16 +358,28 @@ def test_prompts_and_cache_key_name_the_data_sets_items():
     assert adaptrec.prompt_key(books) != adaptrec.prompt_key()
 
 
-def test_implicit_feedback_runs_end_to_end(tmp_path):
+def test_implicit_feedback_runs_end_to_end(tmp_path, monkeypatch):
+    """Plays data trains and evaluates; an eval repeated unchanged reads its scores back (a killed
+    eval redoes only the configurations it had not finished), one with other prompts scores again."""
     from conftest import make_tiny_dir
     from test_recicl import write_tiny_plays
     make_tiny_dir(tmp_path / "tiny", tie=True, max_position_embeddings=1400)
     args = write_tiny_plays(tmp_path / "plays", n_users=14, n_items=60, per_user=18) + [
         "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"), "--n", "4", "--prompt-budget", "1200"]
     adaptrec.main(["train", *args, "--configs", "2:llm", "--train-rows", "4", "--batch-size", "4"])
-    adaptrec.main(["eval", *args, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"])
+    ev = ["eval", *args, "--configs", "2:llm", "--eval-rows", "4", "--sasrec-epochs", "1"]
+    adaptrec.main(ev)
     res = json.load(open(tmp_path / "out" / "results.json"))
     assert res["rows"][0]["method"] == "AdaptRec" and res["rows"][0]["n"] == 4
+
+    def no_evaluate(*a, **k):
+        raise AssertionError("scored again")
+    monkeypatch.setattr(adaptrec, "evaluate", no_evaluate)
+    adaptrec.main(ev)
+    again = json.load(open(tmp_path / "out" / "results.json"))
+    assert again["rows"][0] == res["rows"][0]
+    with pytest.raises(AssertionError, match="scored again"):
+        adaptrec.main(ev + ["--demo-history", "2"])
 
 
 def test_chat_prompts_end_to_end(dirs):
