@@ -978,7 +978,7 @@ def evaluate_once(s: Setup, a, m: int, how: str, model, rows: list, units_by_row
     model, adapter weights, every prompt and candidate answer, --score, dtype, device): an eval
     killed after some configurations redoes only the rest, and one repeated unchanged reads its
     scores back."""
-    weights = "base" if a.base else sha256(weights_file(adapter_dir(a.out, m, how)))
+    weights = "base" if a.base else sha256(trainer.saved_weights(adapter_dir(a.out, m, how)))
     p = next(model.parameters())
     key = hashlib.sha256(json.dumps([
         model_key(s.model), weights, a.score, str(p.dtype), p.device.type,
@@ -999,16 +999,10 @@ def evaluate_once(s: Setup, a, m: int, how: str, model, rows: list, units_by_row
     return res, scores
 
 
-def weights_file(path: str) -> str | None:
-    """The tuned weights in a saved adapter (LoRA) or model (--full) directory."""
-    return next((os.path.join(path, f) for f in ("adapter_model.safetensors", "model.safetensors")
-                 if os.path.exists(os.path.join(path, f))), None)
-
-
 def self_judge(s: Setup, a, model, m: int) -> Selector:
     """Selection `self` at eval and recommend: the evaluated model (the kept adapter) judges; its
     ratings are cached beside the base judge's under the adapter's hash."""
-    weights = weights_file(adapter_dir(a.out, m, "self"))
+    weights = trainer.saved_weights(adapter_dir(a.out, m, "self"))
     tag = sha256(weights)[:12] if weights and model is not s.model else "base"
     base = os.path.basename(s.selector.path)          # names the base judge's model, data, prompts, --judge-history
     return judge_with(s, model, os.path.join(a.out, "cache", f"self-{tag}-{base}"), f"{s.selector.key}-self-{tag}")

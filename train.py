@@ -231,6 +231,12 @@ def is_saved(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("adapter_config.json", "model.safetensors"))
 
 
+def saved_weights(path: str) -> str | None:
+    """The tensor file of what save_trained wrote in path: the adapter's or the whole model's."""
+    return next((os.path.join(path, f) for f in ("adapter_model.safetensors", "model.safetensors")
+                 if os.path.exists(os.path.join(path, f))), None)
+
+
 # A checkpoint is two files, neither of them a pickle: checkpoint-<step>.safetensors (adapter,
 # AdamW moments, RNG tensors) and checkpoint.json (step, best, settings, optimizer and scheduler
 # hyper-parameters, the other RNG states, and the tensor file's name and SHA-256). The tensor
