@@ -347,15 +347,23 @@ class Selector:
         """Fill the LLM ratings of every row's retrieved units, skipping cached ones."""
         units = {row_key(r): [list(u) for u, _ in retrieved[row_key(r)]] for r in rows}
         todo = [r for r in rows if self.scores.get(row_key(r), {}).get("units") != units[row_key(r)]]
-        t0 = time.time()
-        for n, r in enumerate(todo):
-            others = [self.pool.unit(u)[-self.judge_history:] for u in units[row_key(r)]]
-            s = judge(self.model, self.tok, self.d, r.history, others, self.digits, chat=self.chat) if others else []
-            self.scores[row_key(r)] = {"units": units[row_key(r)], "rating": [round(x, 4) for x in s]}
-            if n % 20 == 19 or n == len(todo) - 1:
-                self.save()
-                if self.log:
-                    self.log(f"[adaptrec] stage 2: judged {n + 1}/{len(todo)} rows ({time.time() - t0:.0f}s)")
+        t0, done = time.time(), 0
+        try:
+            for n, r in enumerate(todo):
+                others = [self.pool.unit(u)[-self.judge_history:] for u in units[row_key(r)]]
+                s = judge(self.model, self.tok, self.d, r.history, others, self.digits, chat=self.chat) if others else []
+                self.scores[row_key(r)] = {"units": units[row_key(r)], "rating": [round(x, 4) for x in s]}
+                done = n + 1
+                if n % 20 == 19 or n == len(todo) - 1:
+                    self.save()
+                    if self.log:
+                        self.log(f"[adaptrec] stage 2: judged {n + 1}/{len(todo)} rows ({time.time() - t0:.0f}s)")
+        except KeyboardInterrupt:                   # keep every finished rating: the same command goes on from them
+            self.save()
+            if self.log and self.path:
+                self.log(f"[adaptrec] stage 2 interrupted: {done}/{len(todo)} rows judged and kept in {self.path}; "
+                         "the same command continues from them")
+            raise
 
     def select(self, r: data.SeqRow, retrieved: dict, m: int, how: str, seed: int = 0, allowed=None) -> list:
         """Units (pool index, end) of the m demonstrations of row r, most similar first.

@@ -370,7 +370,7 @@ def remove_temporaries(out_dir: str):
 def run_cli(commands: dict, a, locked=("train", "eval")):
     """Run commands[a.cmd](a) as recicl.py and adaptrec.py do: commands that write under --out
     hold its lock throughout; every expected failure ends in one `error:` line, Ctrl-C in a
-    note and exit code 130 (a training run has saved its checkpoint by then). SIGTERM (`kill`, a
+    note and exit code 130 (the stage that was running has said what it kept). SIGTERM (`kill`, a
     batch scheduler's stop) is taken as Ctrl-C: a run started in the background from a script
     ignores SIGINT, and `kill` is then the only way to stop it."""
     on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -385,7 +385,7 @@ def run_cli(commands: dict, a, locked=("train", "eval")):
     except (OSError, ValueError, RuntimeError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        print("interrupted (a training run saved its checkpoint: continue with --resume)", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -597,6 +597,11 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
             save_checkpoint(cfg.out_dir, model, opt, sched, step, best, settings, rng_end, pending_validation=in_validation)
             print(f"[train] interrupted: checkpoint of step {step} saved in {cfg.out_dir}; continue with --resume",
                   file=sys.stderr)
+        elif rank == 0 and saved_step > 0:
+            print(f"[train] interrupted: the checkpoint of step {saved_step} in {cfg.out_dir} is the latest; "
+                  "continue with --resume", file=sys.stderr)
+        elif rank == 0:
+            print("[train] interrupted before step 1 ended: no checkpoint; start again without --resume", file=sys.stderr)
         raise
     finally:
         if log:

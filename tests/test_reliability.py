@@ -2,9 +2,13 @@
 reliability-review.md, case ids in the tables): each case must end in a clear error that names
 the flag, file or field, never a traceback, a silent wrong result or lost data. Tiny models and
 data only; the whole file runs in seconds."""
+import argparse
 import json
 import os
+import re
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +91,52 @@ def test_interrupted_training_resumes_or_refuses(tiny_untied, tmp_path):
     out = trainer.train(fresh(path), pattern_examples(), lm_loss, trainer.TrainConfig(**cfg), resume=True)
     assert out["steps"] == 3 and json.load(open(ck_json))["step"] == 3
 
+
+
+def test_an_interruption_says_what_it_kept(tiny_untied, tmp_path, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM tells the truth about what is on disk: no checkpoint before step 1 ends,
+    the latest checkpoint when the interrupted step had nothing new, a fresh one otherwise; stage-2
+    judging keeps every finished rating; the CLI adds only 'interrupted' and exit code 130."""
+    from test_train import fresh, pattern_examples, interrupt_at
+    path, _ = tiny_untied
+    cfg = dict(steps=6, batch_size=2, save_every=2)               # 2 loss calls a step
+    for call, says, step in ((1, "before step 1 ended: no checkpoint; start again without --resume", None),
+                             (5, "the checkpoint of step 2 in .* is the latest; continue with --resume", 2),
+                             (7, "checkpoint of step 3 saved in .*; continue with --resume", 3)):
+        out = tmp_path / f"c{call}"
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(fresh(path), pattern_examples(), interrupt_at(call), trainer.TrainConfig(out_dir=str(out), **cfg))
+        assert re.search(says, capsys.readouterr().err), call
+        ck = out / "checkpoint.json"
+        assert (json.load(open(ck))["step"] if ck.exists() else None) == step
+
+    calls = {"n": 0}
+
+    def judge(*args, **kw):                                       # the third row's rating is cut short
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return [5.0]
+    monkeypatch.setattr(adaptrec, "judge", judge)
+    pool = adaptrec.Pool(np.array([0]), [[1, 2, 3, 4]], [[1, 2, 3, 4]])
+    rows = [data.SeqRow(user=u, history=[1, 2], target=3, ts=u, split="train", candidates=[3]) for u in range(5)]
+    retrieved = {adaptrec.row_key(r): [((0, 3), 0.9)] for r in rows}
+    judged = tmp_path / "judge.json"
+    sel = adaptrec.Selector(None, pool, None, _Tok(), str(judged), "k", log=lambda s: print(s, file=sys.stderr))
+    with pytest.raises(KeyboardInterrupt):
+        sel.rate(rows, retrieved)
+    assert "2/5 rows judged and kept" in capsys.readouterr().err
+    assert sorted(json.load(open(judged))["rows"]) == [adaptrec.row_key(r) for r in rows[:2]]
+    again = adaptrec.Selector(None, pool, None, _Tok(), str(judged), "k")
+    calls["n"] = -10
+    again.rate(rows, retrieved)
+    assert calls["n"] == -7                                       # only the three missing rows were judged
+
+    def stopped(a):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        trainer.run_cli({"eval": stopped}, argparse.Namespace(cmd="eval", out=str(tmp_path / "run")))
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 # (review case, change to config.json, what the error must say)
 BAD_CONFIGS = [
