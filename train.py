@@ -593,15 +593,16 @@ def _train(model, examples, loss_fn, cfg, validate, resume, run_config, base_mod
             save_trained(model, os.path.join(cfg.out_dir, "final"), base_model)
     except KeyboardInterrupt:
         # the adapter and optimizer still hold the end of `step`; a validation cut short runs again on resume
-        if rank == 0 and (step > saved_step or in_validation):
-            save_checkpoint(cfg.out_dir, model, opt, sched, step, best, settings, rng_end, pending_validation=in_validation)
-            print(f"[train] interrupted: checkpoint of step {step} saved in {cfg.out_dir}; continue with --resume",
-                  file=sys.stderr)
-        elif rank == 0 and saved_step > 0:
-            print(f"[train] interrupted: the checkpoint of step {saved_step} in {cfg.out_dir} is the latest; "
-                  "continue with --resume", file=sys.stderr)
-        elif rank == 0:
-            print("[train] interrupted before step 1 ended: no checkpoint; start again without --resume", file=sys.stderr)
+        if rank == 0:
+            if step > saved_step or in_validation:
+                save_checkpoint(cfg.out_dir, model, opt, sched, step, best, settings, rng_end, pending_validation=in_validation)
+                print(f"[train] interrupted: checkpoint of step {step} saved in {cfg.out_dir}; continue with --resume",
+                      file=sys.stderr)
+            elif saved_step > 0:
+                print(f"[train] interrupted: the checkpoint of step {saved_step} in {cfg.out_dir} is the latest; "
+                      "continue with --resume", file=sys.stderr)
+            else:
+                print("[train] interrupted before step 1 ended: no checkpoint; start again without --resume", file=sys.stderr)
         raise
     finally:
         if log:

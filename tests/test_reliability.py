@@ -92,7 +92,6 @@ def test_interrupted_training_resumes_or_refuses(tiny_untied, tmp_path):
     assert out["steps"] == 3 and json.load(open(ck_json))["step"] == 3
 
 
-
 def test_an_interruption_says_what_it_kept(tiny_untied, tmp_path, capsys, monkeypatch):
     """Ctrl-C / SIGTERM tells the truth about what is on disk: no checkpoint before step 1 ends,
     the latest checkpoint when the interrupted step had nothing new, a fresh one otherwise; stage-2
@@ -137,6 +136,7 @@ def test_an_interruption_says_what_it_kept(tiny_untied, tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as exit_:
         trainer.run_cli({"eval": stopped}, argparse.Namespace(cmd="eval", out=str(tmp_path / "run")))
     assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
 
 # (review case, change to config.json, what the error must say)
 BAD_CONFIGS = [
